@@ -1,0 +1,44 @@
+"""Argument validation shared by the aliases: fail at construction, naming the argument."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+
+def _concrete(value):
+  """The value as a Python float, or None when it cannot be checked (schedule or tracer)."""
+  if callable(value) or isinstance(value, jax.core.Tracer):
+    return None
+  try:
+    return float(np.asarray(value))
+  except (TypeError, ValueError):
+    return None
+
+
+def check_nonnegative(name: str, value) -> None:
+  v = _concrete(value)
+  if v is not None and not v >= 0:  # also rejects NaN
+    raise ValueError(f"{name} must be >= 0, got {value}.")
+
+
+def check_unit_interval(name: str, value, *, closed: bool = False) -> None:
+  """``value`` in [0, 1) (or [0, 1] with ``closed``)."""
+  v = _concrete(value)
+  if v is None:
+    return
+  ok = 0 <= v <= 1 if closed else 0 <= v < 1
+  if not ok:
+    interval = "[0, 1]" if closed else "[0, 1)"
+    raise ValueError(f"{name} must be in {interval}, got {value}.")
+
+
+def check_positive_int(name: str, value) -> None:
+  v = _concrete(value)
+  if v is not None and not (v >= 1 and float(v).is_integer()):
+    raise ValueError(f"{name} must be an integer >= 1, got {value}.")
+
+
+def check_learning_rate(value) -> None:
+  if not callable(value):
+    check_nonnegative("learning_rate", value)
