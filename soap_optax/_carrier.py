@@ -19,7 +19,6 @@ import functools
 from typing import Any
 
 import jax
-import numpy as np
 
 from soap_optax._layout import FactorLayout
 
@@ -119,5 +118,13 @@ def expect_carriers(updates, block: str, needs: str, produced_by: str) -> None:
       )
 
 
-def identity_order(n: int) -> Array:
-  return jax.numpy.asarray(np.arange(n, dtype=np.int32))
+def check_layout(carrier: KroneckerUpdate, rule, block: str) -> None:
+  """Raises when ``block`` was built with another layout than the statistics it receives."""
+  expected = rule.layout(carrier.layout.shape)
+  if expected != carrier.layout:
+    raise ValueError(
+      f"{block} was built with {rule}, which lays out a parameter of shape "
+      f"{carrier.layout.shape} as {expected.working_shape} (factored {expected.factored}), but "
+      f"kronecker_stats laid it out as {carrier.layout.working_shape} (factored "
+      f"{carrier.layout.factored}). Pass the same LayoutRule to every block of the chain."
+    )

@@ -22,6 +22,12 @@ def check_nonnegative(name: str, value) -> None:
     raise ValueError(f"{name} must be >= 0, got {value}.")
 
 
+def check_positive(name: str, value) -> None:
+  v = _concrete(value)
+  if v is not None and not v > 0:
+    raise ValueError(f"{name} must be > 0, got {value}.")
+
+
 def check_unit_interval(name: str, value, *, closed: bool = False) -> None:
   """``value`` in [0, 1) (or [0, 1] with ``closed``)."""
   v = _concrete(value)

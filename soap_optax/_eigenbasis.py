@@ -10,7 +10,7 @@ import optax
 from jax import lax
 
 from soap_optax import _linalg
-from soap_optax._carrier import KroneckerUpdate, expect_carriers, per_parameter
+from soap_optax._carrier import KroneckerUpdate, check_layout, expect_carriers, per_parameter
 from soap_optax._layout import LayoutRule
 
 _KEEP, _FIRST, _SCHEDULED = 0, 1, 2
@@ -193,6 +193,7 @@ def eigenbasis_refresh(
     expect_carriers(updates, "eigenbasis_refresh", "stats", "kronecker_stats")
 
     def update_leaf(carrier: KroneckerUpdate, basis, eigenvalues, refreshes, qr_iterations):
+      check_layout(carrier, layout, "eigenbasis_refresh")
       count = carrier.count
       branch = jnp.where(
         count == 0, _FIRST, jnp.where(count % precondition_frequency == 0, _SCHEDULED, _KEEP)
