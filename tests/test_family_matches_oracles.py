@@ -1,0 +1,286 @@
+"""Shampoo, Adafactor in the eigenbasis and EShampoo against independent float64 oracles."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from oracles import AdamOracle
+from oracles_family import (
+  EigenAdafactorOracle,
+  EShampooOracle,
+  ShampooOracle,
+  adafactor_reference_step,
+  idealized_claim,
+)
+
+import soap_optax
+from soap_optax import KroneckerUpdate, LayoutRule
+from soap_optax._rotated import factored_axes
+
+STEPS = 32  # the init call + 31 updates
+
+# Factors full rank from the first gradient, so that the eigenbases are unique.
+SHAPES = {
+  "matrix": (6, 6),
+  "tensor3d": (4, 4, 16),
+  "conv": (2, 2, 4, 16),
+  "wide": (3, 10001),
+  "vector": (7,),
+  "scalar": (),
+}
+
+
+def _data(seed, shapes=SHAPES, steps=STEPS):
+  rng = np.random.default_rng(seed)
+  params = {k: rng.standard_normal(s) for k, s in shapes.items()}
+  grads = [{k: rng.standard_normal(s) for k, s in shapes.items()} for _ in range(steps)]
+  return params, grads
+
+
+def _run(tx, params, grads, dtype):
+  p = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+  state = tx.init(p)
+
+  @jax.jit
+  def step(p, state, g):
+    updates, state = tx.update(g, state, p)
+    return optax.apply_updates(p, updates), state
+
+  for g in grads:
+    p, state = step(p, state, jax.tree.map(lambda x: jnp.asarray(x, dtype), g))
+  return jax.tree.map(np.asarray, p)
+
+
+def _oracle(oracle, params, grads):
+  p = params
+  for g in grads:
+    p = oracle.step(p, g)
+  return p
+
+
+def _max_relative_error(start, ours, reference):
+  errors = {}
+  for name in start:
+    want = reference[name] - start[name]
+    got = np.asarray(ours[name], np.float64) - start[name]
+    errors[name] = np.linalg.norm(got - want) / np.linalg.norm(want)
+  return max(errors.values()), errors
+
+
+SHAMPOO = {
+  "power_half_adam_grafting": dict(lr=1e-2, precondition_frequency=4),
+  "power_quarter_no_grafting": dict(
+    lr=1e-3, exponent=0.25, grafting="none", eps=1e-6, precondition_frequency=3, weight_decay=0.1
+  ),
+  "trace_scaled_rmsprop_grafting": dict(
+    lr=1e-2, trace_scaling=True, grafting="rmsprop", b1=0.5, precondition_frequency=5
+  ),
+  "qr_refresh_sgd_grafting": dict(
+    lr=1e-2, method="qr", grafting="sgd", precondition_frequency=3, max_precond_dim=16
+  ),
+}
+
+
+def _library_kwargs(kwargs):
+  kwargs = dict(kwargs)
+  kwargs["learning_rate"] = kwargs.pop("lr")
+  return kwargs
+
+
+@pytest.mark.parametrize("setting", SHAMPOO)
+def test_shampoo_matches_oracle_in_float64(setting):
+  params, grads = _data(10)
+  with jax.enable_x64(True):
+    ours = _run(soap_optax.shampoo(**_library_kwargs(SHAMPOO[setting])), params, grads, jnp.float64)
+  reference = _oracle(ShampooOracle(**SHAMPOO[setting]), params, grads)
+  error, errors = _max_relative_error(params, ours, reference)
+  assert error < 1e-8, errors
+
+
+def test_shampoo_matches_oracle_in_float32():
+  params, grads = _data(11)
+  kwargs = SHAMPOO["power_half_adam_grafting"]
+  ours = _run(soap_optax.shampoo(**_library_kwargs(kwargs)), params, grads, jnp.float32)
+  reference = _oracle(ShampooOracle(**kwargs), params, grads)
+  error, errors = _max_relative_error(params, ours, reference)
+  assert error < 1e-3, errors
+
+
+EIGEN_ADAFACTOR = {
+  "defaults": dict(),
+  "merged_fast_refresh": dict(
+    max_precond_dim=16, merge_dims=True, precondition_frequency=3, b1=0.9, b2=0.99
+  ),
+  "no_bias_correction": dict(correct_bias=False, weight_decay=0.0, precondition_frequency=4),
+}
+
+
+@pytest.mark.parametrize("setting", EIGEN_ADAFACTOR)
+def test_eigen_adafactor_matches_oracle_in_float64(setting):
+  params, grads = _data(12)
+  kwargs = EIGEN_ADAFACTOR[setting]
+  with jax.enable_x64(True):
+    ours = _run(soap_optax.eigen_adafactor(**kwargs), params, grads, jnp.float64)
+  reference = _oracle(EigenAdafactorOracle(**kwargs), params, grads)
+  error, errors = _max_relative_error(params, ours, reference)
+  assert error < 1e-9, errors
+
+
+def test_eigen_adafactor_matches_oracle_in_float32():
+  params, grads = _data(13)
+  ours = _run(soap_optax.eigen_adafactor(), params, grads, jnp.float32)
+  reference = _oracle(EigenAdafactorOracle(), params, grads)
+  error, errors = _max_relative_error(params, ours, reference)
+  assert error < 1e-4, errors
+
+
+ESHAMPOO = {
+  "adaptive_defaults": dict(precondition_frequency=4),
+  "fixed_schedule": dict(refresh_tolerance=0.0, max_qr_iterations=1, precondition_frequency=3),
+  "loose_tolerance_many_iterations": dict(
+    refresh_tolerance=0.2, max_qr_iterations=5, precondition_frequency=2, weight_decay=0.05
+  ),
+}
+
+
+@pytest.mark.parametrize("setting", ESHAMPOO)
+def test_eshampoo_matches_oracle_in_float64(setting):
+  params, grads = _data(14)
+  kwargs = ESHAMPOO[setting]
+  with jax.enable_x64(True):
+    ours = _run(soap_optax.eshampoo(**kwargs), params, grads, jnp.float64)
+  reference = _oracle(EShampooOracle(**kwargs), params, grads)
+  error, errors = _max_relative_error(params, ours, reference)
+  assert error < 1e-9, errors
+
+
+def test_eshampoo_matches_oracle_in_float32():
+  params, grads = _data(15)
+  kwargs = ESHAMPOO["fixed_schedule"]
+  ours = _run(soap_optax.eshampoo(**kwargs), params, grads, jnp.float32)
+  reference = _oracle(EShampooOracle(**kwargs), params, grads)
+  error, errors = _max_relative_error(params, ours, reference)
+  assert error < 1e-4, errors
+
+
+# -- reductions ---------------------------------------------------------------------------------
+
+
+def test_soap_with_nothing_rotated_is_adam_with_the_reference_conventions():
+  params, grads = _data(16)
+  with jax.enable_x64(True):
+    ours = _run(soap_optax.soap(max_precond_dim=0), params, grads, jnp.float64)
+  reference = _oracle(AdamOracle(), params, grads)
+  error, errors = _max_relative_error(params, ours, reference)
+  assert error < 1e-12, errors
+
+
+def test_adafactor_in_the_eigenbasis_with_nothing_rotated_is_adafactor():
+  params, grads = _data(17, shapes={"matrix": (5, 8), "tensor": (3, 4, 6), "vector": (4,)})
+  with jax.enable_x64(True):
+    ours = _run(soap_optax.eigen_adafactor(max_precond_dim=0), params, grads, jnp.float64)
+  reference = {}
+  for name in params:
+    state, p = None, params[name]
+    for g in grads:
+      state, p = adafactor_reference_step(
+        state, p, g[name], 3e-3, 0.95, 0.95, 1e-8, 1e-30, 0.01, True
+      )
+    reference[name] = p
+  error, errors = _max_relative_error(params, ours, reference)
+  assert error < 1e-12, errors
+
+
+def test_eshampoo_with_the_identity_basis_is_adam():
+  """The first call initialises; from the second on, updates are optax.adam's."""
+  params, grads = _data(18, shapes={"matrix": (5, 8), "vector": (4,)})
+  with jax.enable_x64(True):
+    tx = soap_optax.eshampoo(learning_rate=1e-2, max_precond_dim=0)
+    adam = optax.adam(1e-2, b1=0.9, b2=0.95, eps=1e-8)
+    state, adam_state = tx.init(params), adam.init(params)
+    updates, state = tx.update(grads[0], state, params)
+    assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
+    for g in grads[1:]:
+      ours, state = tx.update(g, state, params)
+      theirs, adam_state = adam.update(g, adam_state, params)
+      for name in params:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-12, atol=1e-15)
+
+
+def test_shampoo_with_power_one_quarter_is_the_original_shampoo():
+  """L^(−1/4) G R^(−1/4), computed directly, with the statistics of the previous call."""
+  rng = np.random.default_rng(19)
+  g = rng.standard_normal((6, 6))
+  beta = 0.9
+  with jax.enable_x64(True):
+    tx = soap_optax.shampoo(
+      learning_rate=1.0,
+      b1=0.0,
+      b2=beta,
+      exponent=0.25,
+      eps=0.0,
+      grafting="none",
+      precondition_frequency=1,
+    )
+    params = {"w": jnp.zeros((6, 6))}
+    state = tx.init(params)
+    for t in range(4):
+      updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
+      if t == 0:
+        continue
+      stats = (1 - beta**t) * g @ g.T, (1 - beta**t) * g.T @ g  # after t calls
+      want = _sym_power(stats[0], -0.25) @ g @ _sym_power(stats[1], -0.25)
+      np.testing.assert_allclose(-np.asarray(updates["w"]), want, rtol=1e-8)
+
+
+def _sym_power(a, power):
+  w, v = np.linalg.eigh(a)
+  return (v * w**power) @ v.T
+
+
+# -- the SOAP paper's claim -----------------------------------------------------------------------
+
+
+def _idealized_carrier(claim, g, dtype):
+  """A record as eigenbasis_refresh would send it, holding the dataset averages."""
+  layout = LayoutRule().layout(g.shape)
+  return KroneckerUpdate(
+    grad=jnp.asarray(g, dtype),
+    count=jnp.asarray(5, jnp.int32),
+    finite=jnp.asarray(True),
+    stats=(jnp.asarray(claim["L"], dtype), jnp.asarray(claim["R"], dtype)),
+    basis=(jnp.asarray(claim["Q_L"], dtype), jnp.asarray(claim["Q_R"], dtype)),
+    next_basis=(jnp.asarray(claim["Q_L"], dtype), jnp.asarray(claim["Q_R"], dtype)),
+    order=(jnp.arange(g.shape[0]), jnp.arange(g.shape[1])),
+    eigenvalues=(jnp.asarray(claim["lam_L"], dtype), jnp.asarray(claim["lam_R"], dtype)),
+    refreshed=(jnp.asarray(False), jnp.asarray(False)),
+    layout=layout,
+    dtype=jnp.dtype(dtype),
+  )
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (6, 6), (8, 4)])
+def test_shampoo_half_with_trace_scaling_equals_adafactor_in_its_eigenbasis(shape):
+  rng = np.random.default_rng(20)
+  dataset = [rng.standard_normal(shape) for _ in range(3 * max(shape))]
+  g = dataset[0]
+  claim = idealized_claim(dataset, g)
+  with jax.enable_x64(True):
+    carrier = {"w": _idealized_carrier(claim, g, jnp.float64)}
+    shampoo = soap_optax.shampoo_precondition(0.5, 0.0, trace_scaling=True, grafting="none")
+    shampoo_step, _ = shampoo.update(carrier, shampoo.init({"w": g}))
+    # Idealized Adafactor: its row/column averages are the dataset's (A_i = λ_i, C_j = μ_j);
+    # b2 = 1 keeps them there and b1 = 0 makes the step G' / √(A Cᵀ / ΣA).
+    adafactor = soap_optax.rotated_adafactor(0.0, 1.0, 0.0, eps2=0.0, correct_bias=False)
+    state = adafactor.init({"w": g})
+    # The factored axes are ranked by size: `row` holds the sums that keep the row axis.
+    sums = {0: jnp.asarray(claim["A"])[:, None], 1: jnp.asarray(claim["C"])[None, :]}
+    row_axis, col_axis = factored_axes(shape)
+    state = state._replace(nu={"w": (sums[row_axis], sums[col_axis])})
+    adafactor_step, _ = adafactor.update(carrier, state)
+  np.testing.assert_allclose(shampoo_step["w"], adafactor_step["w"], rtol=1e-9)
+  np.testing.assert_allclose(shampoo_step["w"], claim["shampoo"], rtol=1e-9)
+  np.testing.assert_allclose(adafactor_step["w"], claim["adafactor"], rtol=1e-9)
