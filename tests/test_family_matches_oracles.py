@@ -201,11 +201,12 @@ def test_eshampoo_with_the_identity_basis_is_adam():
     tx = soap_optax.eshampoo(learning_rate=1e-2, max_precond_dim=0)
     adam = optax.adam(1e-2, b1=0.9, b2=0.95, eps=1e-8)
     state, adam_state = tx.init(params), adam.init(params)
-    updates, state = tx.update(grads[0], state, params)
+    step, adam_step = jax.jit(tx.update), jax.jit(adam.update)
+    updates, state = step(grads[0], state, params)
     assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
     for g in grads[1:]:
-      ours, state = tx.update(g, state, params)
-      theirs, adam_state = adam.update(g, adam_state, params)
+      ours, state = step(g, state, params)
+      theirs, adam_state = adam_step(g, adam_state, params)
       for name in params:
         np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-12, atol=1e-15)
 
@@ -227,8 +228,9 @@ def test_shampoo_with_power_one_quarter_is_the_original_shampoo():
     )
     params = {"w": jnp.zeros((6, 6))}
     state = tx.init(params)
+    step = jax.jit(tx.update)
     for t in range(4):
-      updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
+      updates, state = step({"w": jnp.asarray(g)}, state, params)
       if t == 0:
         continue
       stats = (1 - beta**t) * g @ g.T, (1 - beta**t) * g.T @ g  # after t calls
