@@ -3,7 +3,8 @@
 Every optimizer is an ``optax.chain`` of the public blocks::
 
   soap            = chain(kronecker_stats, eigenbasis_refresh, rotated_adam, lr, decay)
-  shampoo         = chain(kronecker_stats, eigenbasis_refresh(eigh), shampoo_precondition, ema,
+  shampoo         = chain(kronecker_stats, eigenbasis_refresh(eigh), shampoo_precondition,
+                          ema_momentum,
                           lr, decay)
   eigen_adafactor = chain(kronecker_stats, eigenbasis_refresh, rotated_adafactor, lr, decay)
   eshampoo        = chain(kronecker_stats, eigenbasis_refresh(τ), eigenvalue_corrected, lr, decay)
@@ -13,6 +14,7 @@ from soap_optax._alias import eigen_adafactor, eshampoo, shampoo, skip_nonfinite
 from soap_optax._carrier import KroneckerUpdate
 from soap_optax._eigenbasis import EigenbasisState, eigenbasis_refresh, off_diagonal_ratio
 from soap_optax._layout import FactorLayout, LayoutRule, merge_dims
+from soap_optax._momentum import EmaMomentumState, ema_momentum
 from soap_optax._rotated import (
   EigenvalueCorrectedState,
   RotatedAdafactorState,
@@ -29,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = (
   "EigenbasisState",
+  "EmaMomentumState",
   "EigenvalueCorrectedState",
   "FactorLayout",
   "KroneckerStatsState",
@@ -40,6 +43,7 @@ __all__ = (
   "WeightDecayAfterStepState",
   "add_decayed_weights_after_step",
   "eigen_adafactor",
+  "ema_momentum",
   "eigenbasis_refresh",
   "eigenvalue_corrected",
   "eshampoo",

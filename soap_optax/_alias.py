@@ -11,6 +11,7 @@ import optax
 from soap_optax import _checks
 from soap_optax._eigenbasis import eigenbasis_refresh
 from soap_optax._layout import LayoutRule
+from soap_optax._momentum import ema_momentum
 from soap_optax._rotated import eigenvalue_corrected, rotated_adafactor, rotated_adam
 from soap_optax._shampoo import shampoo_precondition
 from soap_optax._stats import kronecker_stats
@@ -97,7 +98,11 @@ def soap(
     weight_decay,
     weight_decay_mask,
     kronecker_stats(b2 if shampoo_beta is None else shampoo_beta, layout=layout, dtype=stats_dtype),
-    eigenbasis_refresh(precondition_frequency, layout=layout, dtype=basis_dtype),
+    eigenbasis_refresh(
+      precondition_frequency,
+      layout=layout,
+      dtype=stats_dtype if basis_dtype is None else basis_dtype,
+    ),
     rotated_adam(
       b1,
       b2,
@@ -159,7 +164,7 @@ def shampoo(
   Composition::
 
     chain(kronecker_stats(b2), eigenbasis_refresh(precondition_frequency, method="eigh"),
-          shampoo_precondition(exponent, eps, grafting="adam"), ema(b1, debias=True),
+          shampoo_precondition(exponent, eps, grafting="adam"), ema_momentum(b1),
           scale_by_learning_rate(learning_rate), add_decayed_weights_after_step(...))
 
   The preconditioner ``(L_k + ε)^(−exponent)`` is recomputed (``eigh``) every
@@ -189,7 +194,7 @@ def shampoo(
     weight_decay_mask: which parameters to decay.
     stats_dtype: dtype of the factor statistics.
     basis_dtype: dtype of the eigenbases.
-    moment_dtype: dtype of the grafting state.
+    moment_dtype: dtype of the grafting state and of the momentum.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -216,7 +221,7 @@ def shampoo(
       refresh_tolerance=refresh_tolerance,
       max_qr_iterations=max_qr_iterations,
       method=method,
-      dtype=basis_dtype,
+      dtype=stats_dtype if basis_dtype is None else basis_dtype,
     ),
     shampoo_precondition(
       exponent,
@@ -227,7 +232,7 @@ def shampoo(
       graft_eps=graft_eps,
       moment_dtype=moment_dtype,
     ),
-    optax.ema(b1, debias=True),
+    ema_momentum(b1, moment_dtype=moment_dtype),
   )
 
 
@@ -294,7 +299,11 @@ def eigen_adafactor(
     weight_decay,
     weight_decay_mask,
     kronecker_stats(b2 if shampoo_beta is None else shampoo_beta, layout=layout, dtype=stats_dtype),
-    eigenbasis_refresh(precondition_frequency, layout=layout, dtype=basis_dtype),
+    eigenbasis_refresh(
+      precondition_frequency,
+      layout=layout,
+      dtype=stats_dtype if basis_dtype is None else basis_dtype,
+    ),
     rotated_adafactor(
       b1,
       b2,
@@ -378,7 +387,7 @@ def eshampoo(
       layout=layout,
       refresh_tolerance=refresh_tolerance,
       max_qr_iterations=max_qr_iterations,
-      dtype=basis_dtype,
+      dtype=stats_dtype if basis_dtype is None else basis_dtype,
     ),
     eigenvalue_corrected(b1, b2, eps, moment_dtype=moment_dtype),
   )

@@ -88,17 +88,42 @@ def is_carrier(x) -> bool:
   return isinstance(x, KroneckerUpdate)
 
 
+def per_leaf(fn, params):
+  """``jax.tree.map(fn, params)`` for block state whose leaves are not parameter-shaped.
+
+  Statistics, bases and Adafactor's row/column sums are trees of the parameters' structure whose
+  leaves are tuples (one entry per working axis). With no parameters — in particular with the
+  leafless placeholder that ``optax.tree.map_params`` initialises a transformation with — the
+  state is an opaque empty array instead: a leaf is a prefix of any subtree, so map_params
+  matches it against the real state and treats that as non-parameter state rather than trying
+  to map the parameters' specs over the tuples.
+  """
+  if not jax.tree.leaves(params):
+    return jax.numpy.zeros((0,), jax.numpy.float32)
+  return jax.tree.map(fn, params)
+
+
 def per_parameter(fn, num_outputs: int, updates, *trees):
   """Applies ``fn`` to each :class:`KroneckerUpdate` of ``updates`` with its state subtrees.
 
-  ``trees`` (block states) must have ``updates``' structure down to its carriers; each leaf of a
-  state may itself be a tuple (one entry per axis). ``fn`` returns ``num_outputs`` values, and
-  each output is reassembled into a tree of ``updates``' structure.
+  ``trees`` (block states) have ``updates``' structure down to its records (their leaves may be
+  tuples, one entry per axis). ``fn`` returns ``num_outputs`` values; each is reassembled into a
+  tree of ``updates``' structure.
   """
   treedef = jax.tree.structure(updates, is_leaf=is_carrier)
+  if treedef.num_leaves == 0:  # no parameters: the states are opaque empty leaves (per_leaf)
+    return (updates, *trees[: num_outputs - 1])
   columns = [treedef.flatten_up_to(t) for t in (updates, *trees)]
-  results = [fn(*args) for args in zip(*columns)]
+  results = [fn(*args) for args in zip(*columns, strict=True)]
   return tuple(treedef.unflatten([r[i] for r in results]) for i in range(num_outputs))
+
+
+def _check_field_dtypes(leaf: KroneckerUpdate) -> bool:
+  """A standard optax transform mapped over a record turns its integer fields into floats."""
+  ok = jax.numpy.issubdtype(leaf.count.dtype, jax.numpy.integer) and leaf.finite.dtype == bool
+  for order in leaf.order or ():
+    ok = ok and (order is None or jax.numpy.issubdtype(order.dtype, jax.numpy.integer))
+  return ok
 
 
 def expect_carriers(updates, block: str, needs: str, produced_by: str) -> None:
@@ -110,6 +135,14 @@ def expect_carriers(updates, block: str, needs: str, produced_by: str) -> None:
         f"{block} expects the updates produced by {produced_by} (a KroneckerUpdate per "
         f"parameter) but received a {type(leaf).__name__}. Place it after {produced_by} in "
         "the optax.chain, with no standard optax transformation in between."
+      )
+    if not _check_field_dtypes(leaf):
+      raise TypeError(
+        f"{block} received a KroneckerUpdate that a standard optax transformation has mapped "
+        f"over (its integer fields are no longer integers). Place {block} directly after "
+        f"{produced_by}; standard transformations belong before kronecker_stats or after the "
+        "block that returns plain updates (rotated_adam, rotated_adafactor, eigenvalue_corrected, "
+        "shampoo_precondition)."
       )
     if getattr(leaf, needs) is None:
       raise TypeError(

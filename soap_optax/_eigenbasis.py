@@ -4,20 +4,28 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
 
 from soap_optax import _linalg
-from soap_optax._carrier import KroneckerUpdate, check_layout, expect_carriers, per_parameter
+from soap_optax._carrier import (
+  KroneckerUpdate,
+  check_layout,
+  expect_carriers,
+  per_leaf,
+  per_parameter,
+)
 from soap_optax._layout import LayoutRule
 
 _KEEP, _FIRST, _SCHEDULED = 0, 1, 2
 
 
 class EigenbasisState(NamedTuple):
-  """State of :func:`eigenbasis_refresh`; per parameter a tuple per working axis.
+  """State of :func:`eigenbasis_refresh`.
+
+  Each field holds, per parameter, a tuple with one entry per working axis (``None`` for an axis
+  without a factor).
 
   Attributes:
     basis: the orthonormal basis ``Q_k`` of each factor (identity before the first step).
@@ -82,7 +90,8 @@ def eigenbasis_refresh(
     refresh_tolerance: τ in ``[0, 1]`` for the adaptive skip test; 0 keeps the fixed schedule.
     max_qr_iterations: the most warm-started power/QR steps per refresh (>= 1).
     method: ``"qr"`` (warm-started power iteration + QR) or ``"eigh"``.
-    dtype: dtype of the bases; by default that of the statistics.
+    dtype: dtype of the bases; by default float32, or float64 for float64 parameters (the
+      statistics' default). The aliases pass their ``stats_dtype`` when no ``basis_dtype`` is set.
 
   Returns:
     An ``optax.GradientTransformation`` to be placed after :func:`~soap_optax.kronecker_stats`.
@@ -102,15 +111,20 @@ def eigenbasis_refresh(
     raise ValueError(f"max_qr_iterations must be an int >= 1, got {max_qr_iterations!r}.")
 
   def init_fn(params):
-    def init_leaf(p):
-      dt = jnp.dtype(dtype) if dtype is not None else jnp.promote_types(p.dtype, jnp.float32)
-      sizes = layout.layout(p.shape).factor_sizes
-      basis = tuple(None if n is None else jnp.eye(n, dtype=dt) for n in sizes)
-      eigenvalues = tuple(None if n is None else jnp.zeros((n,), dt) for n in sizes)
-      counts = tuple(None if n is None else jnp.zeros([], jnp.int32) for n in sizes)
-      return basis, eigenvalues, counts, counts
+    def per_factor(make):
+      def init_leaf(p):
+        dt = jnp.dtype(dtype) if dtype is not None else jnp.promote_types(p.dtype, jnp.float32)
+        sizes = layout.layout(p.shape).factor_sizes
+        return tuple(None if n is None else make(n, dt) for n in sizes)
 
-    return EigenbasisState(*per_parameter(init_leaf, 4, params))
+      return per_leaf(init_leaf, params)
+
+    return EigenbasisState(
+      basis=per_factor(lambda n, dt: jnp.eye(n, dtype=dt)),
+      eigenvalues=per_factor(lambda n, dt: jnp.zeros((n,), dt)),
+      refreshes=per_factor(lambda n, dt: jnp.zeros([], jnp.int32)),
+      qr_iterations=per_factor(lambda n, dt: jnp.zeros([], jnp.int32)),
+    )
 
   def refresh_qr(matrix, basis, lq, estimates):
     """Sorted power step + QR, then more warm-started steps while the basis is stale."""
@@ -171,8 +185,12 @@ def eigenbasis_refresh(
 
     def first():
       w, v = _linalg.eigh_descending(matrix)
-      return v.astype(basis.dtype), identity, w.astype(basis.dtype), jnp.ones([], bool), jnp.zeros(
-        [], jnp.int32
+      return (
+        v.astype(basis.dtype),
+        identity,
+        w.astype(basis.dtype),
+        jnp.ones([], bool),
+        jnp.zeros([], jnp.int32),
       )
 
     def on_schedule():
@@ -201,15 +219,17 @@ def eigenbasis_refresh(
       branch = jnp.where(carrier.finite, branch, _KEEP)
       results = [
         None if q is None else refresh_factor(branch, s, q, w)
-        for s, q, w in zip(carrier.stats, basis, eigenvalues)
+        for s, q, w in zip(carrier.stats, basis, eigenvalues, strict=True)
       ]
       pick = lambda i: tuple(None if r is None else r[i] for r in results)  # noqa: E731
       new_basis, order, new_eigenvalues, refreshed, iters = (pick(i) for i in range(5))
       new_refreshes = tuple(
-        None if c is None else c + r.astype(jnp.int32) for c, r in zip(refreshes, refreshed)
+        None if c is None else c + r.astype(jnp.int32)
+        for c, r in zip(refreshes, refreshed, strict=True)
       )
       new_iters = tuple(
-        None if c is None else jnp.where(branch == _KEEP, c, i) for c, i in zip(qr_iterations, iters)
+        None if c is None else jnp.where(branch == _KEEP, c, i)
+        for c, i in zip(qr_iterations, iters, strict=True)
       )
       carrier = carrier.replace(
         basis=basis,

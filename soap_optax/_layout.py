@@ -65,7 +65,7 @@ class FactorLayout:
   @property
   def factor_sizes(self) -> tuple[int | None, ...]:
     """The side of each axis's factor, or None for an axis without one."""
-    return tuple(n if f else None for n, f in zip(self.working_shape, self.factored))
+    return tuple(n if f else None for n, f in zip(self.working_shape, self.factored, strict=True))
 
 
 @dataclasses.dataclass(frozen=True)

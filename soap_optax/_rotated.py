@@ -14,7 +14,13 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from soap_optax._carrier import KroneckerUpdate, check_layout, expect_carriers, per_parameter
+from soap_optax._carrier import (
+  KroneckerUpdate,
+  check_layout,
+  expect_carriers,
+  per_leaf,
+  per_parameter,
+)
 from soap_optax._layout import LayoutRule
 from soap_optax._linalg import mode_product
 
@@ -85,7 +91,7 @@ def carry_to_next_basis(carrier: KroneckerUpdate, first_moments=(), diagonals=()
   def transfer(ms, ds):
     transitions = [
       None if q is None else jnp.matmul(qn.T, q, precision=lax.Precision.HIGHEST)
-      for q, qn in zip(carrier.basis, carrier.next_basis)
+      for q, qn in zip(carrier.basis, carrier.next_basis, strict=True)
     ]
     ms = tuple(mode_product(m, transitions, transpose=False) for m in ms)
     new_ds = []
@@ -188,9 +194,10 @@ class RotatedAdafactorState(NamedTuple):
 
   Attributes:
     mu: first moment in the eigenbasis, in the parameters' shapes.
-    nu: per parameter, ``(row, col)`` moving averages of the rotated squared gradient summed over
-      the column and row axis (``keepdims``) when the working shape has two axes or more, else
-      ``(full,)``, an unfactored second moment.
+    nu: per parameter, ``(row, col)``, the moving
+      averages of the rotated squared gradient summed over the column and the row axis
+      (``keepdims``), when the working shape has two axes or more; else ``(full,)``, an
+      unfactored second moment.
   """
 
   mu: optax.Updates
@@ -275,7 +282,7 @@ def rotated_adafactor(
       return jnp.zeros(row_shape, dt), jnp.zeros(col_shape, dt)
 
     mu = jax.tree.map(lambda p: jnp.zeros(p.shape, moment_dtype_for(p.dtype, moment_dtype)), params)
-    return RotatedAdafactorState(mu, jax.tree.map(init_nu, params))
+    return RotatedAdafactorState(mu, per_leaf(init_nu, params))
 
   def update_fn(updates, state, params=None):
     del params
@@ -295,7 +302,7 @@ def rotated_adafactor(
 
       live = is_live(carrier)
       new_mu = jnp.where(live, m.reshape(mu.shape), mu)
-      new_nu = tuple(jnp.where(live, n, o) for n, o in zip(new_nu, nu))
+      new_nu = tuple(jnp.where(live, n, o) for n, o in zip(new_nu, nu, strict=True))
       return carrier.restore(jnp.where(live, direction, 0)), new_mu, new_nu
 
     new_updates, mu, nu = per_parameter(update_leaf, 3, updates, state.mu, state.nu)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from soap_optax._carrier import KroneckerUpdate, expect_carriers, per_parameter
+from soap_optax._carrier import KroneckerUpdate, expect_carriers, per_leaf, per_parameter
 from soap_optax._rotated import diagonal_scaling, into_basis, moment_dtype_for, out_of_basis
 
 GRAFTING = ("none", "sgd", "rmsprop", "adam")
@@ -18,8 +18,8 @@ class ShampooPreconditionState(NamedTuple):
   """State of :func:`shampoo_precondition`.
 
   Attributes:
-    graft_nu: the grafted optimizer's diagonal second moment, in the parameter basis (zeros of
-      shape ``()`` when the grafting needs none).
+    graft_nu: the grafted optimizer's diagonal second moment, in the parameter basis (``None``
+      per parameter when the grafting needs none).
   """
 
   graft_nu: optax.Updates
@@ -106,9 +106,11 @@ def shampoo_precondition(
   needs_nu = grafting in ("rmsprop", "adam")
 
   def init_fn(params):
+    if not needs_nu:
+      return ShampooPreconditionState(per_leaf(lambda p: None, params))
+
     def init_leaf(p):
-      shape = p.shape if needs_nu else ()
-      return jnp.zeros(shape, moment_dtype_for(p.dtype, moment_dtype))
+      return jnp.zeros(p.shape, moment_dtype_for(p.dtype, moment_dtype))
 
     return ShampooPreconditionState(jax.tree.map(init_leaf, params))
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from soap_optax import _linalg
-from soap_optax._carrier import KroneckerUpdate, per_parameter
+from soap_optax._carrier import KroneckerUpdate, per_leaf, per_parameter
 from soap_optax._layout import LayoutRule
 
 
@@ -72,7 +72,7 @@ def kronecker_stats(
       sizes = layout.layout(p.shape).factor_sizes
       return tuple(None if n is None else jnp.zeros((n, n), dt) for n in sizes)
 
-    return KroneckerStatsState(jnp.zeros([], jnp.int32), jax.tree.map(init_leaf, params))
+    return KroneckerStatsState(jnp.zeros([], jnp.int32), per_leaf(init_leaf, params))
 
   def update_fn(updates, state, params=None):
     del params

@@ -1,0 +1,201 @@
+"""Specification of the static factor layout: which axes of a parameter get a Kronecker factor."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from oracles import factor_layout as reference_layout
+
+import soap_optax
+from soap_optax import FactorLayout, LayoutRule
+
+
+@pytest.mark.parametrize(
+  "shape, max_dim, merged",
+  [
+    ((3, 3, 64, 128), 10000, (576, 128)),  # a Flax HWIO convolution kernel
+    ((2, 3, 4), 100, (24,)),
+    ((10, 10, 10), 100, (100, 10)),
+    ((100, 100), 10000, (10000,)),  # a product equal to the limit still merges
+    ((4, 5, 6), 20, (20, 6)),
+  ],
+)
+def test_merge_dims_merges_consecutive_axes_while_the_product_fits(shape, max_dim, merged):
+  assert soap_optax.merge_dims(shape, max_dim) == merged
+
+
+@pytest.mark.parametrize(
+  "shape, merged",
+  [
+    ((20000, 5), (20000, 5)),
+    ((5, 20000), (5, 20000)),
+    ((3, 20000, 2), (3, 20000, 2)),
+    ((2, 3, 20000, 4, 5), (6, 20000, 20)),
+  ],
+)
+def test_merge_dims_keeps_an_axis_longer_than_the_limit_on_its_own(shape, merged):
+  assert soap_optax.merge_dims(shape, 10000) == merged
+
+
+@pytest.mark.parametrize(
+  "shape, merged",
+  [
+    ((1, 4), (4,)),
+    ((4, 1), (4,)),
+    ((1, 1), (1,)),
+    ((1, 20000), (20000,)),
+    ((3, 20000, 1), (3, 20000)),
+    ((2, 1, 3), (6,)),
+  ],
+)
+def test_merge_dims_absorbs_size_one_axes(shape, merged):
+  assert soap_optax.merge_dims(shape, 10000) == merged
+
+
+@pytest.mark.parametrize(
+  "shape",
+  [(3, 3, 64, 128), (1, 1), (7, 1, 20000, 3), (2, 2, 2, 2, 2), (9, 11), (1, 5, 1)],
+)
+@pytest.mark.parametrize("max_dim", [0, 1, 4, 16, 10000])
+def test_merge_dims_preserves_the_number_of_elements(shape, max_dim):
+  assert math.prod(soap_optax.merge_dims(shape, max_dim)) == math.prod(shape)
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 64, 128), (2, 9, 5, 3), (7, 7, 7), (30, 2, 40)])
+def test_merged_axes_exceed_the_limit_only_when_a_single_axis_does(shape):
+  max_dim = 32
+  for size in soap_optax.merge_dims(shape, max_dim):
+    assert size <= max_dim or size in shape
+
+
+def test_layout_rule_gives_a_conv_kernel_two_factors_after_merging():
+  layout = LayoutRule(10000, merge_dims=True).layout((3, 3, 64, 128))
+  assert layout == FactorLayout((3, 3, 64, 128), (576, 128), (True, True))
+
+
+def test_layout_rule_without_merging_keeps_the_shape():
+  layout = LayoutRule(10000).layout((3, 3, 64, 128))
+  assert layout.working_shape == (3, 3, 64, 128)
+  assert layout.factored == (True, True, True, True)
+
+
+def test_an_axis_longer_than_the_limit_gets_no_factor_while_the_others_do():
+  layout = LayoutRule(16).layout((3, 20, 2))
+  assert layout.factored == (True, False, True)
+  assert layout.factor_sizes == (3, None, 2)
+  assert layout.num_factors == 2
+
+
+def test_a_scalar_never_gets_a_factor():
+  for rule in (LayoutRule(), LayoutRule(10, merge_dims=True, precondition_1d=True)):
+    assert rule.layout(()) == FactorLayout((), (), ())
+
+
+def test_a_vector_gets_no_factor_by_default():
+  layout = LayoutRule().layout((7,))
+  assert layout == FactorLayout((7,), (7,), (False,))
+
+
+def test_a_vector_gets_a_factor_with_precondition_1d():
+  layout = LayoutRule(precondition_1d=True).layout((7,))
+  assert layout == FactorLayout((7,), (7,), (True,))
+
+
+def test_precondition_1d_leaves_a_vector_longer_than_the_limit_unfactored():
+  rule = LayoutRule(5, precondition_1d=True)
+  assert rule.layout((5,)).factored == (True,)
+  assert rule.layout((6,)).factored == (False,)
+
+
+def test_vectors_are_never_merged():
+  assert LayoutRule(4, merge_dims=True).layout((7,)).working_shape == (7,)
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (1,), (3, 4), (1, 3), (2, 3, 4), (3, 3, 64, 128)])
+@pytest.mark.parametrize("merge", [False, True])
+def test_max_precond_dim_zero_factors_nothing(shape, merge):
+  layout = LayoutRule(0, merge_dims=merge, precondition_1d=True).layout(shape)
+  assert layout.num_factors == 0
+  assert math.prod(layout.working_shape) == math.prod(shape)
+
+
+@pytest.mark.parametrize(
+  "shape", [(5,), (6, 4), (3, 20000, 2), (1, 4), (4, 1), (3, 3, 64, 128), (2, 1, 3), (7, 7, 7)]
+)
+@pytest.mark.parametrize("max_dim", [0, 6, 49, 10000])
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("precondition_1d", [False, True])
+def test_layout_agrees_with_the_reference_rule(shape, max_dim, merge, precondition_1d):
+  """Away from 0-D parameters (where the reference adds a useless 1x1 factor) the rules agree."""
+  layout = LayoutRule(max_dim, merge, precondition_1d).layout(shape)
+  working, factored = reference_layout(shape, max_dim, merge, precondition_1d)
+  assert layout.working_shape == tuple(working)
+  assert layout.factored == tuple(factored)
+
+
+def test_layout_is_plain_python():
+  layout = LayoutRule(16).layout(np.array([3, 20, 2]))
+  for value in (*layout.shape, *layout.working_shape):
+    assert type(value) is int
+  assert all(type(flag) is bool for flag in layout.factored)
+
+
+def test_layout_and_rule_are_hashable_and_compare_by_value():
+  rule = LayoutRule(16, merge_dims=True)
+  assert rule == LayoutRule(16, merge_dims=True)
+  assert hash(rule) == hash(LayoutRule(16, merge_dims=True))
+  assert hash(rule.layout((4, 5))) == hash(rule.layout((4, 5)))
+  assert len({rule.layout((4, 5)), rule.layout((4, 5)), rule.layout((5, 4))}) == 2
+
+
+def test_layout_and_rule_are_frozen():
+  rule = LayoutRule()
+  layout = rule.layout((3, 4))
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    rule.max_precond_dim = 3
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    layout.factored = (False, False)
+
+
+def test_layout_is_static_under_jit():
+  """Computed from a traced array's shape, the layout is the same concrete value."""
+  rule = LayoutRule(5)
+  seen = []
+
+  @jax.jit
+  def f(x):
+    seen.append(rule.layout(x.shape))
+    return x
+
+  f(jnp.zeros((6, 4)))
+  assert seen == [FactorLayout((6, 4), (6, 4), (False, True))]
+
+
+def test_a_layout_rule_can_be_a_static_argument_of_jit():
+  def count_factors(x, rule):
+    return jnp.sum(x) + rule.layout(x.shape).num_factors
+
+  f = jax.jit(count_factors, static_argnums=1)
+  assert float(f(jnp.zeros((2, 3)), LayoutRule())) == 2.0
+  assert float(f(jnp.zeros((2, 3)), LayoutRule(2))) == 1.0
+
+
+def test_negative_max_precond_dim_raises_value_error():
+  with pytest.raises(ValueError, match="max_precond_dim"):
+    LayoutRule(-1)
+
+
+def test_max_precond_dim_accepts_numpy_integers():
+  rule = LayoutRule(np.int64(8))
+  assert type(rule.max_precond_dim) is int
+  assert rule == LayoutRule(8)
+
+
+def test_a_traced_max_precond_dim_is_rejected_with_a_value_error():
+  with pytest.raises(ValueError, match="static"):
+    jax.jit(lambda n: LayoutRule(n).max_precond_dim)(3)
