@@ -79,8 +79,8 @@ def is_live(carrier: KroneckerUpdate):
 def carry_to_next_basis(carrier: KroneckerUpdate, first_moments=(), diagonals=()):
   """Moves moments held in ``carrier.basis`` into ``carrier.next_basis``.
 
-  First moments (vectors in the eigenbasis) are rotated exactly, ``m ← (Q_newᵀ Q_old) m`` per
-  axis; diagonal statistics (second moments, corrected eigenvalues) cannot be rotated, so they are
+  First moments (vectors in the eigenbasis) are rotated exactly, ``m ← m ×_k (Q_newᵀ Q_old)``;
+  diagonal statistics (second moments, corrected eigenvalues) cannot be rotated, so they are
   permuted with the refresh's column ``order``, as the SOAP reference does. The work is done
   under a ``lax.cond``: a step in which no factor was refreshed pays nothing.
   """
@@ -89,11 +89,9 @@ def carry_to_next_basis(carrier: KroneckerUpdate, first_moments=(), diagonals=()
     return tuple(first_moments), tuple(diagonals)
 
   def transfer(ms, ds):
-    transitions = [
-      None if q is None else jnp.matmul(qn.T, q, precision=lax.Precision.HIGHEST)
-      for q, qn in zip(carrier.basis, carrier.next_basis, strict=True)
-    ]
-    ms = tuple(mode_product(m, transitions, transpose=False) for m in ms)
+    # Out of the old basis and into the new one: two mode products per axis. Forming
+    # Q_newᵀ Q_old instead would cost an extra n³ per factor, more for every non-square shape.
+    ms = tuple(into_basis(out_of_basis(m, carrier.basis), carrier.next_basis) for m in ms)
     new_ds = []
     for d in ds:
       for axis, order in enumerate(carrier.order):
