@@ -140,7 +140,7 @@ def shampoo(
   b1: float = 0.9,
   b2: float = 0.999,
   shampoo_beta: float | None = None,
-  eps: float = 1e-12,
+  eps: float = 1e-6,
   weight_decay: float = 0.0,
   precondition_frequency: int = 10,
   max_precond_dim: int = 10000,
@@ -151,6 +151,7 @@ def shampoo(
   grafting: str = "adam",
   graft_eps: float = 1e-8,
   *,
+  relative_eps: bool = True,
   method: str = "eigh",
   refresh_tolerance: float = 0.0,
   max_qr_iterations: int = 1,
@@ -178,7 +179,8 @@ def shampoo(
     b1: momentum (moving average of the grafted step).
     b2: decay of the factor statistics and of the grafting's second moment.
     shampoo_beta: decay of the factor statistics if it should differ from ``b2``.
-    eps: added to every factor eigenvalue before the inverse root.
+    eps: damping added to every factor eigenvalue before the inverse root, relative to the
+      factor's largest eigenvalue (see :func:`~soap_optax.shampoo_precondition`).
     weight_decay: decoupled weight decay, applied after the step.
     precondition_frequency: recompute the preconditioner every this many updates.
     max_precond_dim: axes longer than this are not preconditioned.
@@ -188,6 +190,7 @@ def shampoo(
     trace_scaling: the SOAP paper's scalar correction ``tr(L)^(exponent·(K−1))``.
     grafting: ``"adam"``, ``"rmsprop"``, ``"sgd"`` or ``"none"``.
     graft_eps: epsilon of the grafted optimizer.
+    relative_eps: scale ``eps`` by each factor's largest eigenvalue (else absolute).
     method: ``"eigh"`` (exact) or ``"qr"`` (warm-started power iteration) for the refresh.
     refresh_tolerance: adaptive skip test of the refresh (0 refreshes on every schedule).
     max_qr_iterations: QR iterations per refresh when ``method="qr"``.
@@ -226,6 +229,7 @@ def shampoo(
     shampoo_precondition(
       exponent,
       eps,
+      relative_eps=relative_eps,
       trace_scaling=trace_scaling,
       grafting=grafting,
       graft_b2=b2,

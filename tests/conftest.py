@@ -7,4 +7,7 @@ import sys
 
 # Tests run on the CPU whatever the machine has, so that numbers are reproducible.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# JAX's CPU QR/eigh run in scipy's OpenBLAS, whose threads fight XLA's pool on few cores (a
+# refresh measured up to 100x slower); one thread is both faster and reproducible.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(__file__))

@@ -303,7 +303,8 @@ class ShampooOracle(_FamilyOracle):
 
   Call ``t >= 1``:
 
-  * ``P = G ×_k [Q_k diag((max(lam_k, 0) + eps)^(-exponent)) Q_k^T]`` over factored axes.
+  * ``P = G ×_k [Q_k diag((max(lam_k, 0) + eps_k)^(-exponent)) Q_k^T]`` over factored axes,
+    ``eps_k = eps * max(lam_k)`` with ``relative_eps`` (the default), else ``eps``.
   * ``trace_scaling``: ``P <- P * max(sum(lam_k0), 0)^(exponent * (K_f - 1))`` with ``k0`` the
     first factored axis and ``K_f`` the number of factored axes (raw, unclipped estimates).
   * Grafting: ``'none'`` ``D = P``; ``'sgd'`` ``D = P ||G|| / ||P||``; ``'rmsprop'``
@@ -320,7 +321,8 @@ class ShampooOracle(_FamilyOracle):
     b1: float = 0.9,
     b2: float = 0.999,
     shampoo_beta: float | None = None,
-    eps: float = 1e-12,
+    eps: float = 1e-6,
+    relative_eps: bool = True,
     exponent: float = 0.5,
     trace_scaling: bool = False,
     grafting: str = "adam",
@@ -351,6 +353,7 @@ class ShampooOracle(_FamilyOracle):
       raise ValueError(f"unknown grafting {grafting!r}")
     self.b1 = float(b1)
     self.eps = float(eps)
+    self.relative_eps = bool(relative_eps)
     self.exponent = float(exponent)
     self.trace_scaling = bool(trace_scaling)
     self.grafting = grafting
@@ -367,7 +370,9 @@ class ShampooOracle(_FamilyOracle):
       if q is None:
         mats.append(None)
         continue
-      scale = (np.maximum(lam, 0.0) + self.eps) ** (-self.exponent)
+      lam = np.maximum(lam, 0.0)
+      eps = self.eps * lam.max() if self.relative_eps else self.eps  # damping relative to λ_max
+      scale = (lam + eps) ** (-self.exponent)
       mats.append((q * scale) @ q.T)
     p = mode_product(g, mats)
     factored = [k for k, q in enumerate(st["Q"]) if q is not None]

@@ -1,0 +1,219 @@
+"""Helpers shared by the benchmark scripts: provenance printing, optimizer specs, shapes, tables.
+
+Benchmarks are run by hand (never by the test suite). Every script prints the
+exact command line and a description of the machine first, so pasted output is
+self-describing, and reports each number as a ratio against a baseline measured
+in the same process.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES_DIR = os.path.join(REPO_ROOT, "examples")
+SOAP_OPTIMIZERS = ("soap", "shampoo", "eigen_adafactor", "eshampoo")
+
+# jax's CPU QR/eigh go through scipy's OpenBLAS, loaded lazily on first use; its
+# threads fight XLA's thread pool and can slow a refresh by 100x on few-core
+# machines. Set before any linear algebra runs; an explicit setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+OPTAX_OPTIMIZERS = ("adamw", "adafactor")
+
+
+def machine_info() -> dict[str, Any]:
+  """Versions and hardware that the numbers depend on."""
+  info = {
+    "platform": platform.platform(),
+    "processor": platform.processor() or platform.machine(),
+    "cpu_count": os.cpu_count(),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "jaxlib": getattr(getattr(jax, "lib", None), "__version__", None) or _jaxlib_version(),
+    "optax": optax.__version__,
+    "backend": jax.default_backend(),
+    "devices": ", ".join(str(d) for d in jax.devices()),
+    # Other processes competing for the cores distort timings; this makes it visible.
+    "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
+  }
+  try:
+    import soap_optax
+
+    info["soap_optax"] = getattr(soap_optax, "__version__", "unversioned")
+  except ImportError:
+    info["soap_optax"] = "not importable"
+  return info
+
+
+def _jaxlib_version() -> str:
+  try:
+    import jaxlib
+
+    return jaxlib.__version__
+  except (ImportError, AttributeError):
+    return "unknown"
+
+
+def print_header(title: str) -> dict[str, Any]:
+  """Prints the benchmark title, exact command line and machine; returns the machine info."""
+  command = shlex.join([sys.executable, *sys.argv])
+  info = machine_info()
+  print(f"== {title} ==")
+  print(f"command: {command}")
+  for key, value in info.items():
+    print(f"{key:>12}: {value}")
+  print(flush=True)
+  return {"command": command, **info}
+
+
+# ----------------------------------------------------------------------------
+# Optimizers.
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+  """Parses 'name' or 'name:key=value,key=value' into (name, options).
+
+  Values are Python literals when they parse as one (numbers, booleans, None),
+  otherwise strings, so `soap:max_precond_dim=1024,stats_dtype=bfloat16` works.
+  """
+  name, _, rest = spec.partition(":")
+  options = {}
+  for item in filter(None, rest.split(",")):
+    key, sep, raw = item.partition("=")
+    if not sep:
+      raise ValueError(f"Bad option {item!r} in optimizer spec {spec!r}; expected key=value.")
+    try:
+      options[key.strip()] = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+      options[key.strip()] = raw.strip()
+  return name.strip(), options
+
+
+def soap_optax_fn(name: str) -> Callable[..., optax.GradientTransformation] | None:
+  """Returns `soap_optax.<name>`, or None (with a printed note) if it does not exist yet."""
+  try:
+    import soap_optax
+  except ImportError as e:
+    print(f"note: skipping {name}: soap_optax is not importable ({e}).")
+    return None
+  fn = getattr(soap_optax, name, None)
+  if fn is None:
+    print(f"note: skipping {name}: soap_optax.{name} does not exist in this version.")
+  return fn
+
+
+def available(specs: Sequence[str]) -> list[str]:
+  """Keeps the optimizer specs that can be built here, printing a note for the others."""
+  kept = []
+  for spec in specs:
+    name, _ = parse_spec(spec)
+    if name in OPTAX_OPTIMIZERS or (name in SOAP_OPTIMIZERS and soap_optax_fn(name)):
+      kept.append(spec)
+    elif name not in SOAP_OPTIMIZERS:
+      print(f"note: skipping unknown optimizer {name!r}.")
+  return kept
+
+
+def call_with_supported_kwargs(fn: Callable[..., Any], **kwargs) -> Any:
+  """Calls `fn` with the keyword arguments its signature accepts; notes the rest."""
+  params = inspect.signature(fn).parameters
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    return fn(**kwargs)
+  dropped = sorted(k for k in kwargs if k not in params)
+  if dropped:
+    print(f"note: {getattr(fn, '__name__', fn)} does not take {dropped}; ignoring them.")
+  return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def build_optimizer(
+  spec: str, learning_rate: float = 1e-3, **defaults
+) -> optax.GradientTransformation:
+  """Builds an optimizer from a spec string; options in the spec override `defaults`."""
+  name, options = parse_spec(spec)
+  kwargs = {**defaults, **options}
+  if name == "adamw":
+    return call_with_supported_kwargs(optax.adamw, learning_rate=learning_rate, **kwargs)
+  if name == "adafactor":
+    return call_with_supported_kwargs(optax.adafactor, learning_rate=learning_rate, **kwargs)
+  fn = soap_optax_fn(name)
+  if fn is None:
+    raise ValueError(f"Optimizer {name!r} is not available.")
+  return call_with_supported_kwargs(fn, learning_rate=learning_rate, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Parameter shapes.
+
+
+def gpt_param_shapes(
+  d_model: int = 384, num_layers: int = 6, vocab_size: int = 256, mlp_ratio: int = 4
+) -> dict[str, tuple[int, ...]]:
+  """Shapes of a GPT-like model's parameters, flattened into one dict.
+
+  Per layer: fused QKV (d, 3d), attention output (d, d), MLP up (d, 4d) and
+  down (4d, d) kernels with their biases, and two LayerNorms; plus a tied
+  (vocab, d) embedding and a final LayerNorm. With the defaults this is the
+  d_model=384, 6-layer setting (~10.7M parameters).
+  """
+  d, h = d_model, mlp_ratio * d_model
+  shapes: dict[str, tuple[int, ...]] = {"embed": (vocab_size, d)}
+  for i in range(num_layers):
+    layer = {
+      "qkv/kernel": (d, 3 * d),
+      "qkv/bias": (3 * d,),
+      "attn_out/kernel": (d, d),
+      "attn_out/bias": (d,),
+      "mlp_up/kernel": (d, h),
+      "mlp_up/bias": (h,),
+      "mlp_down/kernel": (h, d),
+      "mlp_down/bias": (d,),
+      "ln1/scale": (d,),
+      "ln1/bias": (d,),
+      "ln2/scale": (d,),
+      "ln2/bias": (d,),
+    }
+    shapes.update({f"layer{i}/{k}": v for k, v in layer.items()})
+  shapes.update({"ln_f/scale": (d,), "ln_f/bias": (d,)})
+  return shapes
+
+
+def num_params(shapes: dict[str, tuple[int, ...]]) -> int:
+  return int(sum(np.prod(s) for s in shapes.values()))
+
+
+# ----------------------------------------------------------------------------
+# Reporting.
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """Formats rows as a GitHub markdown table; floats get 4 significant digits."""
+
+  def fmt(x):
+    if isinstance(x, float):
+      return "nan" if x != x else f"{x:.4g}"
+    return str(x)
+
+  lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+  lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def import_train_lm():
+  """Imports examples/train_lm.py as a module (examples/ is not a package)."""
+  if EXAMPLES_DIR not in sys.path:
+    sys.path.insert(0, EXAMPLES_DIR)
+  import train_lm
+
+  return train_lm
