@@ -47,10 +47,18 @@ def off_diagonal_ratio(matrix, basis):
   return off / jnp.maximum(jnp.linalg.norm(b), jnp.finfo(b.dtype).tiny)
 
 
-def _is_stale(b, tolerance):
-  # The test of Purifying Shampoo: skip when ‖B − diag(B)‖_F ≤ τ‖B‖_F.
-  off = jnp.linalg.norm(b - jnp.diag(jnp.diag(b)))
-  return off > tolerance * jnp.linalg.norm(b)
+def _staleness(matrix, basis, lq, tolerance):
+  """Purifying Shampoo's test ``‖B − diag B‖_F > τ‖B‖_F`` for ``B = QᵀLQ``, and ``diag(B)``.
+
+  ``Q`` is orthonormal, so ``‖B‖_F = ‖L‖_F`` and ``‖B − diag B‖²_F = ‖L‖²_F − ‖diag B‖²``: the
+  test needs only ``diag(B)``, i.e. ``LQ`` (which the power step reuses), not the second product
+  ``Qᵀ(LQ)``. The subtraction loses accuracy only for τ near float precision, where every basis
+  then counts as stale — the safe side.
+  """
+  diag = jnp.einsum("ij,ij->j", basis, lq)
+  total = jnp.sum(jnp.square(matrix))
+  off = jnp.maximum(total - jnp.sum(jnp.square(diag)), 0)
+  return off > jnp.square(tolerance) * total, diag
 
 
 def eigenbasis_refresh(
@@ -126,26 +134,29 @@ def eigenbasis_refresh(
       qr_iterations=per_factor(lambda n, dt: jnp.zeros([], jnp.int32)),
     )
 
-  def refresh_qr(matrix, basis, lq, estimates):
+  def refresh_qr(matrix, lq, estimates):
     """Sorted power step + QR, then more warm-started steps while the basis is stale."""
     order = jnp.argsort(-estimates, stable=True).astype(jnp.int32)
     new_basis, _ = jnp.linalg.qr(lq[:, order])
     if max_qr_iterations == 1:
       return new_basis, order, estimates[order], jnp.ones([], jnp.int32)
 
+    def measured(i, q):
+      lq = matrix @ q
+      stale, diag = _staleness(matrix, q, lq, refresh_tolerance)
+      return i, q, lq, diag, stale
+
     def body(carry):
-      i, q, _, _ = carry
-      q_next, _ = jnp.linalg.qr(matrix @ q)
-      b = q_next.T @ (matrix @ q_next)
-      return i + 1, q_next, jnp.diag(b), _is_stale(b, refresh_tolerance)
+      i, _, lq, _, _ = carry
+      q_next, _ = jnp.linalg.qr(lq)
+      return measured(i + 1, q_next)
 
     def cond(carry):
-      i, _, _, stale = carry
+      i, *_, stale = carry
       return (i < max_qr_iterations) & stale
 
-    b = new_basis.T @ (matrix @ new_basis)
-    carry = (jnp.ones([], jnp.int32), new_basis, jnp.diag(b), _is_stale(b, refresh_tolerance))
-    iterations, new_basis, eigenvalues, _ = lax.while_loop(cond, body, carry)
+    carry = measured(jnp.ones([], jnp.int32), new_basis)
+    iterations, new_basis, _, eigenvalues, _ = lax.while_loop(cond, body, carry)
     return new_basis, order, eigenvalues, iterations
 
   def scheduled(matrix, basis, eigenvalues):
@@ -153,27 +164,24 @@ def eigenbasis_refresh(
     identity = jnp.arange(n, dtype=jnp.int32)
     if method == "eigh":
 
-      def do_refresh(b_diag):
-        del b_diag
+      def do_refresh(diag):
+        del diag
         w, v = _linalg.eigh_descending(matrix)
         return v, identity, w, jnp.zeros([], jnp.int32)
 
-      lq = None
-    else:
-      lq = matrix @ basis
+      if not check_staleness:
+        return do_refresh(None), jnp.ones([], bool)
+    lq = matrix @ basis
+    if method == "qr":
 
-      def do_refresh(b_diag):
-        return refresh_qr(matrix, basis, lq, b_diag)
+      def do_refresh(diag):
+        return refresh_qr(matrix, lq, diag)
 
-    if not check_staleness:
-      estimates = jnp.einsum("ij,ij->j", basis, lq) if lq is not None else eigenvalues
-      new = do_refresh(estimates)
-      return new, jnp.ones([], bool)
-    b = basis.T @ (lq if lq is not None else matrix @ basis)
-    stale = _is_stale(b, refresh_tolerance)
-    keep = (basis, identity, jnp.diag(b), jnp.zeros([], jnp.int32))
-    new = lax.cond(stale, do_refresh, lambda _: keep, jnp.diag(b))
-    return new, stale
+      if not check_staleness:
+        return do_refresh(jnp.einsum("ij,ij->j", basis, lq)), jnp.ones([], bool)
+    stale, diag = _staleness(matrix, basis, lq, refresh_tolerance)
+    keep = (basis, identity, diag, jnp.zeros([], jnp.int32))
+    return lax.cond(stale, do_refresh, lambda _: keep, diag), stale
 
   def refresh_factor(branch, matrix, basis, eigenvalues):
     """Returns (new basis, order, eigenvalues, refreshed flag, QR iterations)."""
