@@ -49,7 +49,6 @@ def soap(
   stats_dtype=None,
   basis_dtype=None,
   moment_dtype=None,
-  matmul_dtype=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner.
 
@@ -84,8 +83,6 @@ def soap(
     stats_dtype: dtype of the factor statistics (default float32, float64 for float64 params).
     basis_dtype: dtype of the eigenbases (default: as the statistics).
     moment_dtype: dtype of Adam's moments (default float32, float64 for float64 params).
-    matmul_dtype: multiply the per-step rotations and statistics in this dtype (e.g.
-      ``jnp.bfloat16``) with float32 accumulation: faster, not reference-exact; off by default.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -100,12 +97,7 @@ def soap(
     learning_rate,
     weight_decay,
     weight_decay_mask,
-    kronecker_stats(
-      b2 if shampoo_beta is None else shampoo_beta,
-      layout=layout,
-      dtype=stats_dtype,
-      matmul_dtype=matmul_dtype,
-    ),
+    kronecker_stats(b2 if shampoo_beta is None else shampoo_beta, layout=layout, dtype=stats_dtype),
     eigenbasis_refresh(
       precondition_frequency,
       layout=layout,
@@ -118,7 +110,6 @@ def soap(
       correct_bias=correct_bias,
       normalize_grads=normalize_grads,
       moment_dtype=moment_dtype,
-      matmul_dtype=matmul_dtype,
     ),
   )
 

@@ -20,44 +20,29 @@ Array = jax.Array
 HIGHEST = lax.Precision.HIGHEST
 
 
-def _dot(a, b, axes, compute_dtype, precision):
-  """``tensordot`` that can multiply in ``compute_dtype`` while accumulating in ``a``'s dtype."""
-  if compute_dtype is None:
-    return jnp.tensordot(a, b.astype(a.dtype), axes=axes, precision=precision)
-  return jnp.tensordot(
-    a.astype(compute_dtype), b.astype(compute_dtype), axes=axes, preferred_element_type=a.dtype
-  )
-
-
 def mode_product(
-  x: Array,
-  mats: Sequence[Array | None],
-  *,
-  transpose: bool,
-  compute_dtype=None,
-  precision=HIGHEST,
+  x: Array, mats: Sequence[Array | None], *, transpose: bool, precision=HIGHEST
 ) -> Array:
   """Multiplies every axis ``k`` of ``x`` by ``mats[k]`` (or its transpose).
 
   With ``transpose=True`` this rotates *into* the bases (``x ×_k Q_kᵀ``, the reference's
   ``project``); with ``transpose=False`` it rotates back out (``x ×_k Q_k``). Axes whose entry is
-  ``None`` are left as they are. With ``compute_dtype`` (e.g. bfloat16) the products take their
-  operands in that dtype and accumulate in ``x``'s: faster, and less exact.
+  ``None`` are left as they are.
   """
   for axis, mat in enumerate(mats):
     if mat is None:
       continue
     # contract x's axis with the row index of Q (into the basis) or the column index (out).
     contract = 0 if transpose else 1
-    y = _dot(x, mat, ((axis,), (contract,)), compute_dtype, precision)
+    y = jnp.tensordot(x, mat.astype(x.dtype), axes=((axis,), (contract,)), precision=precision)
     x = jnp.moveaxis(y, -1, axis)
   return x
 
 
-def factor_statistic(x: Array, axis: int, *, compute_dtype=None, precision=HIGHEST) -> Array:
+def factor_statistic(x: Array, axis: int, *, precision=HIGHEST) -> Array:
   """``X_(k) X_(k)ᵀ``: ``x`` contracted with itself over every axis but ``axis``."""
   others = tuple(i for i in range(x.ndim) if i != axis)
-  return _dot(x, x, (others, others), compute_dtype, precision)
+  return jnp.tensordot(x, x, axes=(others, others), precision=precision)
 
 
 def eigh_descending(matrix: Array) -> tuple[Array, Array]:

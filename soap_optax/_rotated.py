@@ -41,14 +41,14 @@ def moment_dtype_for(param_dtype, dtype):
   return jnp.dtype(dtype) if dtype is not None else jnp.promote_types(param_dtype, jnp.float32)
 
 
-def into_basis(x, bases, compute_dtype=None):
+def into_basis(x, bases):
   """Rotates a working-shape array into the eigenbasis: ``x ×_k Q_kᵀ``."""
-  return mode_product(x, bases, transpose=True, compute_dtype=compute_dtype)
+  return mode_product(x, bases, transpose=True)
 
 
-def out_of_basis(x, bases, compute_dtype=None):
+def out_of_basis(x, bases):
   """Rotates a working-shape array out of the eigenbasis: ``x ×_k Q_k``."""
-  return mode_product(x, bases, transpose=False, compute_dtype=compute_dtype)
+  return mode_product(x, bases, transpose=False)
 
 
 def diagonal_scaling(per_axis, ndim: int):
@@ -115,7 +115,6 @@ def rotated_adam(
   correct_bias: bool = True,
   normalize_grads: bool = False,
   moment_dtype=None,
-  matmul_dtype=None,
 ) -> optax.GradientTransformation:
   """Adam in the eigenbasis of the Kronecker factors: SOAP's update direction.
 
@@ -140,9 +139,6 @@ def rotated_adam(
     normalize_grads: divide each parameter's direction by its root mean square (SOAP's
       ``normalize_grads``), before the bias correction.
     moment_dtype: dtype of the moments; float32 by default (float64 for float64 parameters).
-    matmul_dtype: if set (e.g. ``jnp.bfloat16``), the per-step rotations multiply in this dtype
-      and accumulate in float32: about 2.8× faster matmuls on CPU, at the cost of exactness (off
-      by default; see ``docs/benchmarks.md`` for its effect on the loss).
 
   Returns:
     An ``optax.GradientTransformation`` placed after :func:`~soap_optax.eigenbasis_refresh`.
@@ -168,10 +164,10 @@ def rotated_adam(
       shape = carrier.layout.working_shape
       m = mu.reshape(shape)
       v = nu.reshape(shape)
-      g = into_basis(carrier.grad, carrier.basis, matmul_dtype).astype(m.dtype)
+      g = into_basis(carrier.grad, carrier.basis).astype(m.dtype)
       m = b1 * m + (1 - b1) * g
       v = b2 * v + (1 - b2) * jnp.square(g)
-      direction = out_of_basis(m / (jnp.sqrt(v) + eps), carrier.basis, matmul_dtype)
+      direction = out_of_basis(m / (jnp.sqrt(v) + eps), carrier.basis)
       if normalize_grads:
         rms = jnp.sqrt(jnp.mean(jnp.square(direction)))
         direction = direction / (1e-30 + rms)

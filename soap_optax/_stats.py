@@ -37,7 +37,6 @@ def kronecker_stats(
   *,
   layout: LayoutRule | None = None,
   dtype=None,
-  matmul_dtype=None,
 ) -> optax.GradientTransformation:
   """Accumulates Shampoo's Kronecker factor statistics; the first block of every composition.
 
@@ -55,8 +54,6 @@ def kronecker_stats(
     beta: decay of the moving average (SOAP's ``shampoo_beta``), in ``[0, 1)``.
     layout: the :class:`~soap_optax.LayoutRule` shared by all blocks of the composition.
     dtype: dtype of the statistics; by default float32, or float64 for float64 parameters.
-    matmul_dtype: if set (e.g. ``jnp.bfloat16``), ``G_(k) G_(k)ᵀ`` multiplies in this dtype and
-      accumulates in the statistics' dtype (faster, less exact; off by default).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -100,8 +97,7 @@ def kronecker_stats(
       return carrier, new_stats
 
     def _ema(s, working, k):
-      outer = _linalg.factor_statistic(working, k, compute_dtype=matmul_dtype)
-      return beta * s + (1 - beta) * outer.astype(s.dtype)
+      return beta * s + (1 - beta) * _linalg.factor_statistic(working, k).astype(s.dtype)
 
     carriers, new_stats = per_parameter(update_leaf, 2, updates, state.stats)
     count = state.count + finite.astype(jnp.int32)
