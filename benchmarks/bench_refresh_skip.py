@@ -36,8 +36,12 @@ import soap_optax  # noqa: E402
 FREQUENCY = 10
 
 
-def time_scheduled_update(tolerance, iterations, grads, count, repeats):
-  """Median seconds of one `kronecker_stats` + `eigenbasis_refresh` update at `count`."""
+def time_scheduled_update(tolerance, iterations, grads, later_grads, count, repeats):
+  """Median seconds of one `kronecker_stats` + `eigenbasis_refresh` update at `count`.
+
+  The bases come from `grads`; the timed step sees independent `later_grads`, so that every
+  basis is stale there (with the same gradient again the first basis would stay exact).
+  """
   layout = soap_optax.LayoutRule()
   tx = optax.chain(
     soap_optax.kronecker_stats(0.95, layout=layout),
@@ -51,11 +55,11 @@ def time_scheduled_update(tolerance, iterations, grads, count, repeats):
   stats_state, basis_state = state
   # Jump the clock to the requested count without running the steps in between.
   state = (stats_state._replace(count=jnp.asarray(count, jnp.int32)), basis_state)
-  jax.block_until_ready(step(grads, state))
+  jax.block_until_ready(step(later_grads, state))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(step(grads, state))
+    jax.block_until_ready(step(later_grads, state))
     times.append(time.perf_counter() - start)
   return float(np.median(times))
 
@@ -68,11 +72,15 @@ def main():
   args = parser.parse_args()
   _common.print_header("eigenbasis_refresh: cost of skipped vs performed refreshes")
   shapes = _common.gpt_param_shapes(d_model=args.d_model, num_layers=args.num_layers)
-  keys = jax.random.split(jax.random.key(0), len(shapes))
-  grads = {
-    name: jax.random.normal(key, shape, jnp.float32)
-    for key, (name, shape) in zip(keys, sorted(shapes.items()), strict=True)
-  }
+
+  def random_grads(seed):
+    keys = jax.random.split(jax.random.key(seed), len(shapes))
+    return {
+      name: jax.random.normal(key, shape, jnp.float32)
+      for key, (name, shape) in zip(keys, sorted(shapes.items()), strict=True)
+    }
+
+  grads, later_grads = random_grads(0), random_grads(1)
   cases = {
     "no_refresh": (0.0, 1, FREQUENCY + 1),
     "skip_all": (1.0, 1, FREQUENCY),
@@ -80,7 +88,7 @@ def main():
     "refresh_all_qr3": (1e-9, 3, FREQUENCY),
   }
   results = {
-    name: time_scheduled_update(tol, it, grads, count, args.repeats)
+    name: time_scheduled_update(tol, it, grads, later_grads, count, args.repeats)
     for name, (tol, it, count) in cases.items()
   }
   base = results["no_refresh"]
