@@ -46,6 +46,7 @@ def soap(
   correct_bias: bool = True,
   *,
   weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+  stagger_refresh: bool = False,
   stats_dtype=None,
   basis_dtype=None,
   moment_dtype=None,
@@ -80,6 +81,9 @@ def soap(
     correct_bias: use Adam's bias correction.
     weight_decay_mask: which parameters to decay (tree of bools or a function of the params);
       ``None`` decays all, as the reference does.
+    stagger_refresh: spread the factors' refreshes over each window of
+      ``precondition_frequency`` steps instead of refreshing all at once (same work, no slow
+      step; changes the schedule, so off by default).
     stats_dtype: dtype of the factor statistics (default float32, float64 for float64 params).
     basis_dtype: dtype of the eigenbases (default: as the statistics).
     moment_dtype: dtype of Adam's moments (default float32, float64 for float64 params).
@@ -101,6 +105,7 @@ def soap(
     eigenbasis_refresh(
       precondition_frequency,
       layout=layout,
+      stagger=stagger_refresh,
       dtype=stats_dtype if basis_dtype is None else basis_dtype,
     ),
     rotated_adam(
@@ -156,6 +161,7 @@ def shampoo(
   refresh_tolerance: float = 0.0,
   max_qr_iterations: int = 1,
   weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+  stagger_refresh: bool = False,
   stats_dtype=None,
   basis_dtype=None,
   moment_dtype=None,
@@ -195,6 +201,9 @@ def shampoo(
     refresh_tolerance: adaptive skip test of the refresh (0 refreshes on every schedule).
     max_qr_iterations: QR iterations per refresh when ``method="qr"``.
     weight_decay_mask: which parameters to decay.
+    stagger_refresh: spread the factors' refreshes over each window of
+      ``precondition_frequency`` steps instead of refreshing all at once (same work, no slow
+      step; changes the schedule, so off by default).
     stats_dtype: dtype of the factor statistics.
     basis_dtype: dtype of the eigenbases.
     moment_dtype: dtype of the grafting state and of the momentum.
@@ -224,6 +233,7 @@ def shampoo(
       refresh_tolerance=refresh_tolerance,
       max_qr_iterations=max_qr_iterations,
       method=method,
+      stagger=stagger_refresh,
       dtype=stats_dtype if basis_dtype is None else basis_dtype,
     ),
     shampoo_precondition(
@@ -255,6 +265,7 @@ def eigen_adafactor(
   *,
   eps2: float = 1e-30,
   weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+  stagger_refresh: bool = False,
   stats_dtype=None,
   basis_dtype=None,
   moment_dtype=None,
@@ -284,6 +295,9 @@ def eigen_adafactor(
     correct_bias: use Adam's bias correction.
     eps2: Adafactor's ε₁, added to the squared rotated gradient.
     weight_decay_mask: which parameters to decay.
+    stagger_refresh: spread the factors' refreshes over each window of
+      ``precondition_frequency`` steps instead of refreshing all at once (same work, no slow
+      step; changes the schedule, so off by default).
     stats_dtype: dtype of the factor statistics.
     basis_dtype: dtype of the eigenbases.
     moment_dtype: dtype of the moments.
@@ -306,6 +320,7 @@ def eigen_adafactor(
     eigenbasis_refresh(
       precondition_frequency,
       layout=layout,
+      stagger=stagger_refresh,
       dtype=stats_dtype if basis_dtype is None else basis_dtype,
     ),
     rotated_adafactor(
@@ -335,6 +350,7 @@ def eshampoo(
   max_qr_iterations: int = 3,
   *,
   weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+  stagger_refresh: bool = False,
   stats_dtype=None,
   basis_dtype=None,
   moment_dtype=None,
@@ -366,6 +382,9 @@ def eshampoo(
     refresh_tolerance: τ in ``[0, 1]``; 0 refreshes every factor on every schedule.
     max_qr_iterations: the most warm-started QR iterations per refresh.
     weight_decay_mask: which parameters to decay.
+    stagger_refresh: spread the factors' refreshes over each window of
+      ``precondition_frequency`` steps instead of refreshing all at once (same work, no slow
+      step; changes the schedule, so off by default).
     stats_dtype: dtype of the factor statistics.
     basis_dtype: dtype of the eigenbases.
     moment_dtype: dtype of the moments.
@@ -391,6 +410,7 @@ def eshampoo(
       layout=layout,
       refresh_tolerance=refresh_tolerance,
       max_qr_iterations=max_qr_iterations,
+      stagger=stagger_refresh,
       dtype=stats_dtype if basis_dtype is None else basis_dtype,
     ),
     eigenvalue_corrected(b1, b2, eps, moment_dtype=moment_dtype),

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
 
 from soap_optax import _linalg
 from soap_optax._carrier import (
-  KroneckerUpdate,
   check_layout,
   expect_carriers,
+  is_carrier,
   per_leaf,
   per_parameter,
 )
@@ -68,6 +69,7 @@ def eigenbasis_refresh(
   refresh_tolerance: float = 0.0,
   max_qr_iterations: int = 1,
   method: str = "qr",
+  stagger: bool = False,
   dtype=None,
 ) -> optax.GradientTransformation:
   """Keeps an orthonormal eigenbasis ``Q_k`` of every Kronecker factor ``L_k``.
@@ -98,6 +100,10 @@ def eigenbasis_refresh(
     refresh_tolerance: τ in ``[0, 1]`` for the adaptive skip test; 0 keeps the fixed schedule.
     max_qr_iterations: the most warm-started power/QR steps per refresh (>= 1).
     method: ``"qr"`` (warm-started power iteration + QR) or ``"eigh"``.
+    stagger: spread the factors' refreshes over the ``precondition_frequency`` steps of a window
+      (each factor gets a fixed phase, balanced by its ``n³`` cost) instead of refreshing all of
+      them at steps 10, 20, …: the same work per window without one slow step. It changes when
+      each basis is refreshed, so it is off by default (SOAP's schedule).
     dtype: dtype of the bases; by default float32, or float64 for float64 parameters (the
       statistics' default). The aliases pass their ``stats_dtype`` when no ``basis_dtype`` is set.
 
@@ -113,6 +119,8 @@ def eigenbasis_refresh(
   layout = layout or LayoutRule()
   if method not in ("qr", "eigh"):
     raise ValueError(f"method must be 'qr' or 'eigh', got {method!r}.")
+  if stagger and not isinstance(precondition_frequency, int):
+    raise ValueError("stagger=True needs a static (Python int) precondition_frequency.")
   static_tolerance = isinstance(refresh_tolerance, (int, float))
   check_staleness = not static_tolerance or refresh_tolerance > 0
   if not isinstance(max_qr_iterations, int) or max_qr_iterations < 1:
@@ -214,20 +222,38 @@ def eigenbasis_refresh(
 
     return lax.switch(branch, (keep, first, on_schedule))
 
+  def _phases(updates):
+    """Per parameter, a tuple with each factor's refresh phase (0 for all without stagger)."""
+    treedef = jax.tree.structure(updates, is_leaf=is_carrier)
+    sizes = [c.layout.factor_sizes for c in treedef.flatten_up_to(updates)]
+    phases = [[0 if n is not None else None for n in leaf] for leaf in sizes]
+    if stagger:
+      # Greedy balancing: the most expensive factor goes to the phase with the least work.
+      load = [0] * precondition_frequency
+      factors = [(n, i, k) for i, leaf in enumerate(sizes) for k, n in enumerate(leaf) if n]
+      for n, i, k in sorted(factors, key=lambda f: -f[0]):
+        phase = min(range(precondition_frequency), key=load.__getitem__)
+        phases[i][k] = phase
+        load[phase] += n**3
+    return treedef.unflatten([tuple(p) for p in phases])
+
   def update_fn(updates, state, params=None):
     del params
     expect_carriers(updates, "eigenbasis_refresh", "stats", "kronecker_stats")
 
-    def update_leaf(carrier: KroneckerUpdate, basis, eigenvalues, refreshes, qr_iterations):
+    def update_leaf(carrier, basis, eigenvalues, refreshes, qr_iterations, phases):
       check_layout(carrier, layout, "eigenbasis_refresh")
       count = carrier.count
-      branch = jnp.where(
-        count == 0, _FIRST, jnp.where(count % precondition_frequency == 0, _SCHEDULED, _KEEP)
-      )
-      branch = jnp.where(carrier.finite, branch, _KEEP)
+
+      def branch(phase):
+        scheduled = count % precondition_frequency == phase
+        branch = jnp.where(count == 0, _FIRST, jnp.where(scheduled, _SCHEDULED, _KEEP))
+        return jnp.where(carrier.finite, branch, _KEEP)
+
+      branches = [None if phase is None else branch(phase) for phase in phases]
       results = [
-        None if q is None else refresh_factor(branch, s, q, w)
-        for s, q, w in zip(carrier.stats, basis, eigenvalues, strict=True)
+        None if q is None else refresh_factor(b, s, q, w)
+        for s, q, w, b in zip(carrier.stats, basis, eigenvalues, branches, strict=True)
       ]
       pick = lambda i: tuple(None if r is None else r[i] for r in results)  # noqa: E731
       new_basis, order, new_eigenvalues, refreshed, iters = (pick(i) for i in range(5))
@@ -236,8 +262,8 @@ def eigenbasis_refresh(
         for c, r in zip(refreshes, refreshed, strict=True)
       )
       new_iters = tuple(
-        None if c is None else jnp.where(branch == _KEEP, c, i)
-        for c, i in zip(qr_iterations, iters, strict=True)
+        None if c is None else jnp.where(b == _KEEP, c, i)
+        for c, i, b in zip(qr_iterations, iters, branches, strict=True)
       )
       carrier = carrier.replace(
         basis=basis,
@@ -248,7 +274,11 @@ def eigenbasis_refresh(
       )
       return carrier, new_basis, new_eigenvalues, new_refreshes, new_iters
 
-    carriers, *new_state = per_parameter(update_leaf, 5, updates, *state)
+    # Full float32 products on accelerators too: the refresh's power steps and staleness test
+    # decide the basis, and TF32/bf16 passes would blur small eigenvalues.
+    phases = _phases(updates)
+    with jax.default_matmul_precision("float32"):
+      carriers, *new_state = per_parameter(update_leaf, 5, updates, *state, phases)
     return carriers, EigenbasisState(*new_state)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -127,3 +127,35 @@ def test_refresh_work_lives_inside_runtime_branches():
   assert {"qr", "eigh"} <= set(everywhere)
   assert not {"qr", "eigh"} & set(outside_branches)
   assert outside_branches.count("cond") >= 2  # one runtime branch per factor
+
+
+def test_staggered_refresh_spreads_factors_over_the_window_with_the_same_count():
+  grads = {
+    "a": jnp.ones((8, 6)),
+    "b": jnp.ones((6, 4)),
+  }
+  layout = soap_optax.LayoutRule()
+  tx = optax.chain(
+    soap_optax.kronecker_stats(0.9, layout=layout),
+    soap_optax.eigenbasis_refresh(4, layout=layout, stagger=True),
+  )
+  rng = np.random.default_rng(6)
+  state = tx.init(grads)
+  step = jax.jit(tx.update)
+  per_step = []
+  for _ in range(9):  # the first eigh, then counts 1..8: two windows of 4
+    g = {k: jnp.asarray(rng.standard_normal(v.shape), jnp.float32) for k, v in grads.items()}
+    before = jax.tree.map(np.asarray, state[1].refreshes)
+    _, state = step(g, state)
+    after = jax.tree.map(np.asarray, state[1].refreshes)
+    per_step.append(
+      sum(
+        int(x) - int(y)
+        for x, y in zip(jax.tree.leaves(after), jax.tree.leaves(before), strict=True)
+      )
+    )
+  assert per_step[0] == 4  # every factor's first eigh
+  # Over each window of 4 steps every one of the 4 factors refreshes exactly once...
+  assert sum(per_step[1:5]) == 4 and sum(per_step[5:9]) == 4
+  # ...and never all at the same step.
+  assert max(per_step[1:]) < 4
