@@ -31,6 +31,52 @@ def skip_nonfinite_steps(tx: optax.GradientTransformation) -> optax.GradientTran
   return optax.apply_if_finite(tx, max_consecutive_errors=_NEVER)
 
 
+def _check_common(learning_rate, b1, b2, shampoo_beta, eps, weight_decay, precondition_frequency):
+  _checks.check_learning_rate(learning_rate)
+  _checks.check_unit_interval("b1", b1)
+  _checks.check_unit_interval("b2", b2)
+  if shampoo_beta is not None:
+    _checks.check_unit_interval("shampoo_beta", shampoo_beta)
+  _checks.check_nonnegative("eps", eps)
+  _checks.check_nonnegative("weight_decay", weight_decay)
+  _checks.check_positive_int("precondition_frequency", precondition_frequency)
+
+
+def _kronecker_chain(
+  direction,
+  *,
+  learning_rate,
+  weight_decay,
+  weight_decay_mask,
+  beta,
+  layout,
+  precondition_frequency,
+  stagger_refresh,
+  stats_dtype,
+  basis_dtype,
+  **refresh_options,
+):
+  """The family's common frame around a ``direction`` block (or blocks).
+
+  ``kronecker_stats → eigenbasis_refresh → direction → learning rate → after-step decay``,
+  wrapped so that a step with a non-finite gradient is skipped.
+  """
+  tx = optax.chain(
+    kronecker_stats(beta, layout=layout, dtype=stats_dtype),
+    eigenbasis_refresh(
+      precondition_frequency,
+      layout=layout,
+      stagger=stagger_refresh,
+      dtype=stats_dtype if basis_dtype is None else basis_dtype,
+      **refresh_options,
+    ),
+    *direction,
+    optax.scale_by_learning_rate(learning_rate),
+    add_decayed_weights_after_step(learning_rate, weight_decay, weight_decay_mask),
+  )
+  return optax.with_extra_args_support(skip_nonfinite_steps(tx))
+
+
 def soap(
   learning_rate: optax.ScalarOrSchedule = 3e-3,
   b1: float = 0.95,
@@ -97,47 +143,27 @@ def soap(
   """
   _check_common(learning_rate, b1, b2, shampoo_beta, eps, weight_decay, precondition_frequency)
   layout = LayoutRule(max_precond_dim, merge_dims, precondition_1d)
-  return _finish(
-    learning_rate,
-    weight_decay,
-    weight_decay_mask,
-    kronecker_stats(b2 if shampoo_beta is None else shampoo_beta, layout=layout, dtype=stats_dtype),
-    eigenbasis_refresh(
-      precondition_frequency,
-      layout=layout,
-      stagger=stagger_refresh,
-      dtype=stats_dtype if basis_dtype is None else basis_dtype,
+  return _kronecker_chain(
+    (
+      rotated_adam(
+        b1,
+        b2,
+        eps,
+        correct_bias=correct_bias,
+        normalize_grads=normalize_grads,
+        moment_dtype=moment_dtype,
+      ),
     ),
-    rotated_adam(
-      b1,
-      b2,
-      eps,
-      correct_bias=correct_bias,
-      normalize_grads=normalize_grads,
-      moment_dtype=moment_dtype,
-    ),
+    learning_rate=learning_rate,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    beta=b2 if shampoo_beta is None else shampoo_beta,
+    layout=layout,
+    precondition_frequency=precondition_frequency,
+    stagger_refresh=stagger_refresh,
+    stats_dtype=stats_dtype,
+    basis_dtype=basis_dtype,
   )
-
-
-def _check_common(learning_rate, b1, b2, shampoo_beta, eps, weight_decay, precondition_frequency):
-  _checks.check_learning_rate(learning_rate)
-  _checks.check_unit_interval("b1", b1)
-  _checks.check_unit_interval("b2", b2)
-  if shampoo_beta is not None:
-    _checks.check_unit_interval("shampoo_beta", shampoo_beta)
-  _checks.check_nonnegative("eps", eps)
-  _checks.check_nonnegative("weight_decay", weight_decay)
-  _checks.check_positive_int("precondition_frequency", precondition_frequency)
-
-
-def _finish(learning_rate, weight_decay, weight_decay_mask, *blocks):
-  """Appends the learning rate and the after-step weight decay; skips non-finite steps."""
-  tx = optax.chain(
-    *blocks,
-    optax.scale_by_learning_rate(learning_rate),
-    add_decayed_weights_after_step(learning_rate, weight_decay, weight_decay_mask),
-  )
-  return optax.with_extra_args_support(skip_nonfinite_steps(tx))
 
 
 def shampoo(
@@ -222,31 +248,32 @@ def shampoo(
   _checks.check_nonnegative("graft_eps", graft_eps)
   _checks.check_unit_interval("refresh_tolerance", refresh_tolerance, closed=True)
   layout = LayoutRule(max_precond_dim, merge_dims, precondition_1d)
-  return _finish(
-    learning_rate,
-    weight_decay,
-    weight_decay_mask,
-    kronecker_stats(b2 if shampoo_beta is None else shampoo_beta, layout=layout, dtype=stats_dtype),
-    eigenbasis_refresh(
-      precondition_frequency,
-      layout=layout,
-      refresh_tolerance=refresh_tolerance,
-      max_qr_iterations=max_qr_iterations,
-      method=method,
-      stagger=stagger_refresh,
-      dtype=stats_dtype if basis_dtype is None else basis_dtype,
+  return _kronecker_chain(
+    (
+      shampoo_precondition(
+        exponent,
+        eps,
+        relative_eps=relative_eps,
+        trace_scaling=trace_scaling,
+        grafting=grafting,
+        graft_b2=b2,
+        graft_eps=graft_eps,
+        moment_dtype=moment_dtype,
+      ),
+      ema_momentum(b1, moment_dtype=moment_dtype),
     ),
-    shampoo_precondition(
-      exponent,
-      eps,
-      relative_eps=relative_eps,
-      trace_scaling=trace_scaling,
-      grafting=grafting,
-      graft_b2=b2,
-      graft_eps=graft_eps,
-      moment_dtype=moment_dtype,
-    ),
-    ema_momentum(b1, moment_dtype=moment_dtype),
+    learning_rate=learning_rate,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    beta=b2 if shampoo_beta is None else shampoo_beta,
+    layout=layout,
+    precondition_frequency=precondition_frequency,
+    stagger_refresh=stagger_refresh,
+    stats_dtype=stats_dtype,
+    basis_dtype=basis_dtype,
+    refresh_tolerance=refresh_tolerance,
+    max_qr_iterations=max_qr_iterations,
+    method=method,
   )
 
 
@@ -312,26 +339,27 @@ def eigen_adafactor(
   _check_common(learning_rate, b1, b2, shampoo_beta, eps, weight_decay, precondition_frequency)
   _checks.check_nonnegative("eps2", eps2)
   layout = LayoutRule(max_precond_dim, merge_dims, precondition_1d)
-  return _finish(
-    learning_rate,
-    weight_decay,
-    weight_decay_mask,
-    kronecker_stats(b2 if shampoo_beta is None else shampoo_beta, layout=layout, dtype=stats_dtype),
-    eigenbasis_refresh(
-      precondition_frequency,
-      layout=layout,
-      stagger=stagger_refresh,
-      dtype=stats_dtype if basis_dtype is None else basis_dtype,
+  return _kronecker_chain(
+    (
+      rotated_adafactor(
+        b1,
+        b2,
+        eps,
+        layout=layout,
+        eps2=eps2,
+        correct_bias=correct_bias,
+        moment_dtype=moment_dtype,
+      ),
     ),
-    rotated_adafactor(
-      b1,
-      b2,
-      eps,
-      layout=layout,
-      eps2=eps2,
-      correct_bias=correct_bias,
-      moment_dtype=moment_dtype,
-    ),
+    learning_rate=learning_rate,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    beta=b2 if shampoo_beta is None else shampoo_beta,
+    layout=layout,
+    precondition_frequency=precondition_frequency,
+    stagger_refresh=stagger_refresh,
+    stats_dtype=stats_dtype,
+    basis_dtype=basis_dtype,
   )
 
 
@@ -400,18 +428,17 @@ def eshampoo(
   _checks.check_unit_interval("refresh_tolerance", refresh_tolerance, closed=True)
   _checks.check_positive_int("max_qr_iterations", max_qr_iterations)
   layout = LayoutRule(max_precond_dim, merge_dims, precondition_1d)
-  return _finish(
-    learning_rate,
-    weight_decay,
-    weight_decay_mask,
-    kronecker_stats(b2 if shampoo_beta is None else shampoo_beta, layout=layout, dtype=stats_dtype),
-    eigenbasis_refresh(
-      precondition_frequency,
-      layout=layout,
-      refresh_tolerance=refresh_tolerance,
-      max_qr_iterations=max_qr_iterations,
-      stagger=stagger_refresh,
-      dtype=stats_dtype if basis_dtype is None else basis_dtype,
-    ),
-    eigenvalue_corrected(b1, b2, eps, moment_dtype=moment_dtype),
+  return _kronecker_chain(
+    (eigenvalue_corrected(b1, b2, eps, moment_dtype=moment_dtype),),
+    learning_rate=learning_rate,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    beta=b2 if shampoo_beta is None else shampoo_beta,
+    layout=layout,
+    precondition_frequency=precondition_frequency,
+    stagger_refresh=stagger_refresh,
+    stats_dtype=stats_dtype,
+    basis_dtype=basis_dtype,
+    refresh_tolerance=refresh_tolerance,
+    max_qr_iterations=max_qr_iterations,
   )
