@@ -74,29 +74,6 @@ def eigh_descending(matrix: Array) -> tuple[Array, Array]:
   return lax.cond(is_finite(w, v), lambda: (w, v), retry)
 
 
-def estimated_eigenvalues(matrix: Array, basis: Array, *, precision=HIGHEST) -> Array:
-  """``diag(Qᵀ L Q)``: the Rayleigh quotients of ``L`` along the columns of ``Q``."""
-  return jnp.einsum("ij,ij->j", basis, matrix @ basis, precision=precision)
-
-
-def power_qr_step(matrix: Array, basis: Array, *, precision=HIGHEST):
-  """One sorted power-iteration step followed by QR (the SOAP reference's refresh).
-
-  The old basis is first re-ordered by its estimated eigenvalues ``diag(QᵀLQ)``, descending, so
-  that columns keep tracking the same eigen-directions; then ``Q ← qr(L Q)``.
-
-  Returns:
-    ``(new_basis, order, estimates)``: ``order`` is the permutation applied to the old columns
-    (rotated optimizers permute their diagonal statistics with it) and ``estimates`` are the
-    sorted eigenvalue estimates.
-  """
-  lq = jnp.matmul(matrix, basis, precision=precision)
-  estimates = jnp.einsum("ij,ij->j", basis, lq, precision=precision)
-  order = jnp.argsort(-estimates, stable=True)
-  new_basis, _ = jnp.linalg.qr(lq[:, order])
-  return new_basis, order.astype(jnp.int32), estimates[order]
-
-
 def all_finite(arrays: Sequence[Array]) -> Array:
   """A scalar bool: every entry of every array is finite (True for no arrays)."""
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(a)) for a in arrays], dtype=bool))
