@@ -74,6 +74,7 @@ class TrainConfig:
   weight_decay: float = 0.01
   precondition_frequency: int = 10
   refresh_tolerance: float | None = None
+  stagger_refresh: bool = False
   warmup_steps: int = 50
   final_lr_fraction: float = 0.1
   clip_norm: float = 1.0
@@ -164,6 +165,8 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     )
     if config.refresh_tolerance is not None:
       kwargs["refresh_tolerance"] = config.refresh_tolerance
+    if config.stagger_refresh:
+      kwargs["stagger_refresh"] = True
     opt = _call_with_supported_kwargs(fn, **kwargs)
   else:
     raise ValueError(f"Unknown optimizer {name!r}; choose from {OPTIMIZERS}.")
@@ -487,6 +490,9 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_float(
   "refresh_tolerance", None, "EShampoo adaptive refresh tolerance (library default if unset)."
+)
+flags.DEFINE_bool(
+  "stagger_refresh", _D.stagger_refresh, "Spread the factors' refreshes over each window."
 )
 flags.DEFINE_integer("warmup_steps", _D.warmup_steps, "Linear warmup steps before cosine decay.")
 flags.DEFINE_integer("steps", _D.steps, "Number of training steps.")
