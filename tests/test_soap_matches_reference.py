@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 from oracles import SoapOracle
+from runner import cumulative_update_errors, run_optimizer, run_oracle
 
 import soap_optax
 
@@ -43,45 +44,13 @@ def _params_and_grads(seed, shapes, steps):
   return params, grads
 
 
-def _run_library(params, grads, dtype, **hparams):
-  tx = soap_optax.soap(**hparams)
-  p = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
-  state = tx.init(p)
-
-  @jax.jit
-  def step(p, state, g):
-    updates, state = tx.update(g, state, p)
-    return optax.apply_updates(p, updates), state
-
-  for g in grads:
-    p, state = step(p, state, jax.tree.map(lambda x: jnp.asarray(x, dtype), g))
-  return jax.tree.map(np.asarray, p)
-
-
-def _run_oracle(params, grads, **hparams):
-  oracle = SoapOracle(**hparams)
-  p = params
-  for g in grads:
-    p = oracle.step(p, g)
-  return p
-
-
-def _relative_errors(start, ours, reference):
-  errors = {}
-  for name in start:
-    delta_ref = reference[name] - start[name]
-    delta_ours = np.asarray(ours[name], np.float64) - start[name]
-    errors[name] = np.linalg.norm(delta_ours - delta_ref) / np.linalg.norm(delta_ref)
-  return errors
-
-
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_soap_matches_reference_in_float32(setting):
   params, grads = _params_and_grads(0, SHAPES, STEPS)
   hparams = SETTINGS[setting]
-  ours = _run_library(params, grads, jnp.float32, **hparams)
-  reference = _run_oracle(params, grads, **hparams)
-  errors = _relative_errors(params, ours, reference)
+  ours = run_optimizer(soap_optax.soap(**hparams), params, grads, jnp.float32)
+  reference = run_oracle(SoapOracle(**hparams), params, grads)
+  errors = cumulative_update_errors(params, ours, reference)
   assert max(errors.values()) < 1e-4, errors
 
 
@@ -90,9 +59,9 @@ def test_soap_matches_reference_in_float64(setting):
   params, grads = _params_and_grads(1, SHAPES, STEPS)
   hparams = SETTINGS[setting]
   with jax.enable_x64(True):
-    ours = _run_library(params, grads, jnp.float64, **hparams)
-  reference = _run_oracle(params, grads, **hparams)
-  errors = _relative_errors(params, ours, reference)
+    ours = run_optimizer(soap_optax.soap(**hparams), params, grads, jnp.float64)
+  reference = run_oracle(SoapOracle(**hparams), params, grads)
+  errors = cumulative_update_errors(params, ours, reference)
   assert max(errors.values()) < 1e-9, errors
 
 
@@ -102,9 +71,11 @@ def test_soap_with_a_learning_rate_schedule_matches_reference():
   # writes the schedule out in Python floats) sees the very learning rates optax computes.
   schedule = optax.linear_schedule(2.0**-6, 2.0**-7, STEPS)
   with jax.enable_x64(True):
-    ours = _run_library(params, grads, jnp.float64, learning_rate=schedule)
-  reference = _run_oracle(params, grads, lr=lambda t: 2.0**-6 - 2.0**-7 * min(t, STEPS) / STEPS)
-  errors = _relative_errors(params, ours, reference)
+    ours = run_optimizer(soap_optax.soap(learning_rate=schedule), params, grads, jnp.float64)
+  reference = run_oracle(
+    SoapOracle(lr=lambda t: 2.0**-6 - 2.0**-7 * min(t, STEPS) / STEPS), params, grads
+  )
+  errors = cumulative_update_errors(params, ours, reference)
   assert max(errors.values()) < 1e-9, errors
 
 
@@ -128,5 +99,5 @@ def test_soap_preconditions_vectors_when_asked():
       if i == 0:
         basis = state.inner_state[1].basis["vector"][0]
         oracle.state["vector"]["Q"][0] = np.asarray(basis)
-  errors = _relative_errors(params, p, q)
+  errors = cumulative_update_errors(params, p, q)
   assert max(errors.values()) < 1e-9, errors
