@@ -4,7 +4,6 @@ Every optimizer is an ``optax.chain`` of the public blocks::
 
   soap            = chain(kronecker_stats, eigenbasis_refresh, rotated_adam, lr, decay)
   shampoo         = chain(kronecker_stats, eigenbasis_refresh(eigh), shampoo_precondition,
-                          ema_momentum,
                           lr, decay)
   eigen_adafactor = chain(kronecker_stats, eigenbasis_refresh, rotated_adafactor, lr, decay)
   eshampoo        = chain(kronecker_stats, eigenbasis_refresh(τ), eigenvalue_corrected, lr, decay)
@@ -12,13 +11,16 @@ Every optimizer is an ``optax.chain`` of the public blocks::
 
 from soap_optax._alias import eigen_adafactor, eshampoo, shampoo, skip_nonfinite_steps, soap
 from soap_optax._carrier import KroneckerUpdate
-from soap_optax._eigenbasis import EigenbasisState, eigenbasis_refresh, off_diagonal_ratio
+from soap_optax._eigenbasis import EigenbasisState, eigenbasis_refresh
 from soap_optax._layout import FactorLayout, LayoutRule, merge_dims
+from soap_optax._linalg import off_diagonal_ratio
 from soap_optax._momentum import EmaMomentumState, ema_momentum
 from soap_optax._rotated import (
   EigenvalueCorrectedState,
+  Moment,
   RotatedAdafactorState,
   RotatedAdamState,
+  eigenbasis_optimizer,
   eigenvalue_corrected,
   rotated_adafactor,
   rotated_adam,
@@ -37,6 +39,7 @@ __all__ = (
   "KroneckerStatsState",
   "KroneckerUpdate",
   "LayoutRule",
+  "Moment",
   "RotatedAdafactorState",
   "RotatedAdamState",
   "ShampooPreconditionState",
@@ -44,6 +47,7 @@ __all__ = (
   "add_decayed_weights_after_step",
   "eigen_adafactor",
   "ema_momentum",
+  "eigenbasis_optimizer",
   "eigenbasis_refresh",
   "eigenvalue_corrected",
   "eshampoo",

@@ -5,30 +5,101 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import DTypeLike
 
 from soap_optax import _checks
-from soap_optax._eigenbasis import eigenbasis_refresh
+from soap_optax._eigenbasis import Method, eigenbasis_refresh
+from soap_optax._grafting import Grafting
 from soap_optax._layout import LayoutRule
-from soap_optax._momentum import ema_momentum
 from soap_optax._rotated import eigenvalue_corrected, rotated_adafactor, rotated_adam
 from soap_optax._shampoo import shampoo_precondition
 from soap_optax._stats import kronecker_stats
 from soap_optax._weight_decay import add_decayed_weights_after_step
 
-# apply_if_finite gives up after this many consecutive bad steps and applies them anyway; we
-# never want that, so the limit is the largest count its int32 counter can hold.
-_NEVER = int(jnp.iinfo(jnp.int32).max)
+# The reference's max_precond_dim. The aliases default to None rather than to this number so that
+# optax.inject_hyperparams, which turns every numeric default into a traced hyperparameter,
+# leaves this shape-deciding argument static.
+_MAX_PRECOND_DIM = 10000
+
+Mask = Any | Callable[[optax.Params], Any] | None
+
+# Documentation of the arguments every alias shares, inserted where a docstring says so.
+_SHARED_ARGS = """\
+    max_precond_dim: axes (of a block) longer than this are not rotated; 0 rotates nothing.
+      ``None`` means 10000, the SOAP reference's default.
+    merge_dims: merge consecutive axes while their product is at most ``max_precond_dim``.
+    precondition_1d: rotate 1-D parameters too.
+    block_size: cut axes longer than this into blocks with their own factors (Distributed
+      Shampoo's ``max_preconditioner_dim``); ``None`` never cuts (the reference's behaviour).
+    first_basis: ``"eigh"`` (the references) or ``"qr"``: the first bases by QR iterations from
+      the identity, so that no ``eigh`` runs at all (the choice on accelerators whose ``eigh`` is
+      slow; see :func:`~soap_optax.eigenbasis_refresh`).
+    weight_decay_mask: which parameters to decay (a tree of bools or a function of the params);
+      ``None`` decays all, as the reference does.
+    stagger_refresh: spread the factors' refreshes over each window of
+      ``precondition_frequency`` steps instead of refreshing all at once (same work, no slow
+      step; changes the schedule, so off by default).
+    stats_dtype: storage dtype of the factor statistics (default float32, float64 for float64
+      params); ``jnp.bfloat16`` halves their memory, decompositions still run in float32.
+    basis_dtype: storage dtype of the eigenbases (default: as the statistics).
+    moment_dtype: storage dtype of the moments (default float32, float64 for float64 params).
+"""
+
+
+def _shares_args(alias):
+  alias.__doc__ = alias.__doc__.replace("    {shared_args}\n", _SHARED_ARGS)
+  return alias
 
 
 def skip_nonfinite_steps(tx: optax.GradientTransformation) -> optax.GradientTransformation:
   """Wraps ``tx`` so that a step with a NaN or Inf gradient is skipped: zero update, state kept.
 
-  This is ``optax.apply_if_finite`` that never gives up; its state counts the skipped steps
-  (``total_notfinite``), which is worth logging.
+  This is ``optax.apply_if_finite`` that never gives up (same state, ``ApplyIfFiniteState``); its
+  state counts the skipped steps (``total_notfinite``), which is worth logging.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> tx = soap_optax.skip_nonfinite_steps(optax.sgd(0.1))
+    >>> state = tx.init(jnp.zeros(2))
+    >>> updates, state = tx.update(jnp.array([1.0, jnp.nan]), state)
+    >>> updates, int(state.total_notfinite)
+    (Array([0., 0.], dtype=float32), 1)
   """
-  return optax.apply_if_finite(tx, max_consecutive_errors=_NEVER)
+  # optax.apply_if_finite with its limit set to "never" has these semantics, but its rejecting
+  # branch closes over the updates, whose sharding type an eager (un-jitted) call under explicit
+  # sharding then loses; here every array enters the branches as an operand.
+  tx = optax.with_extra_args_support(tx)
+
+  def init_fn(params):
+    zero = jnp.zeros([], jnp.int32)
+    return optax.ApplyIfFiniteState(zero, jnp.ones([], bool), zero, tx.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)]))
+
+    def apply(updates, inner, params):
+      return tx.update(updates, inner, params, **extra_args)
+
+    def skip(updates, inner, params):
+      del params
+      return optax.tree.zeros_like(updates), inner
+
+    new_updates, inner = jax.lax.cond(finite, apply, skip, updates, state.inner_state, params)
+    bad = (~finite).astype(jnp.int32)
+    new_state = optax.ApplyIfFiniteState(
+      notfinite_count=(state.notfinite_count + bad) * bad,
+      last_finite=finite,
+      total_notfinite=state.total_notfinite + bad,
+      inner_state=inner,
+    )
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _check_common(learning_rate, b1, b2, shampoo_beta, eps, weight_decay, precondition_frequency):
@@ -56,7 +127,7 @@ def _kronecker_chain(
   basis_dtype,
   **refresh_options,
 ):
-  """The family's common frame around a ``direction`` block (or blocks).
+  """The family's common frame around a ``direction`` block.
 
   ``kronecker_stats → eigenbasis_refresh → direction → learning rate → after-step decay``,
   wrapped so that a step with a non-finite gradient is skipped.
@@ -70,13 +141,20 @@ def _kronecker_chain(
       dtype=stats_dtype if basis_dtype is None else basis_dtype,
       **refresh_options,
     ),
-    *direction,
+    direction,
     optax.scale_by_learning_rate(learning_rate),
     add_decayed_weights_after_step(learning_rate, weight_decay, weight_decay_mask),
   )
-  return optax.with_extra_args_support(skip_nonfinite_steps(tx))
+  return skip_nonfinite_steps(tx)
 
 
+def _layout(max_precond_dim, merge_dims, precondition_1d, block_size) -> LayoutRule:
+  if max_precond_dim is None:
+    max_precond_dim = _MAX_PRECOND_DIM
+  return LayoutRule(max_precond_dim, merge_dims, precondition_1d, block_size)
+
+
+@_shares_args
 def soap(
   learning_rate: optax.ScalarOrSchedule = 3e-3,
   b1: float = 0.95,
@@ -85,17 +163,19 @@ def soap(
   eps: float = 1e-8,
   weight_decay: float = 0.01,
   precondition_frequency: int = 10,
-  max_precond_dim: int = 10000,
+  max_precond_dim: int | None = None,
   merge_dims: bool = False,
   precondition_1d: bool = False,
   normalize_grads: bool = False,
   correct_bias: bool = True,
   *,
-  weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+  block_size: int | None = None,
+  first_basis: Method = "eigh",
+  weight_decay_mask: Mask = None,
   stagger_refresh: bool = False,
-  stats_dtype=None,
-  basis_dtype=None,
-  moment_dtype=None,
+  stats_dtype: DTypeLike | None = None,
+  basis_dtype: DTypeLike | None = None,
+  moment_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner.
 
@@ -120,52 +200,57 @@ def soap(
     eps: added to ``√v``.
     weight_decay: decoupled weight decay, applied after the step.
     precondition_frequency: refresh the eigenbases every this many updates.
-    max_precond_dim: axes longer than this are not rotated (0 gives Adam).
-    merge_dims: merge consecutive axes while their product is at most ``max_precond_dim``.
-    precondition_1d: rotate 1-D parameters too.
-    normalize_grads: divide each parameter's direction by its RMS.
+    normalize_grads: divide each parameter's (block's) direction by its RMS.
     correct_bias: use Adam's bias correction.
-    weight_decay_mask: which parameters to decay (tree of bools or a function of the params);
-      ``None`` decays all, as the reference does.
-    stagger_refresh: spread the factors' refreshes over each window of
-      ``precondition_frequency`` steps instead of refreshing all at once (same work, no slow
-      step; changes the schedule, so off by default).
-    stats_dtype: dtype of the factor statistics (default float32, float64 for float64 params).
-    basis_dtype: dtype of the eigenbases (default: as the statistics).
-    moment_dtype: dtype of Adam's moments (default float32, float64 for float64 params).
+    {shared_args}
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    >>> tx = soap_optax.soap(learning_rate=1e-2)
+    >>> state = tx.init(params)
+    >>> loss = lambda p: jnp.sum((jnp.arange(4.0) @ p["w"] + p["b"] - 1.0) ** 2)
+    >>> for _ in range(5):
+    ...   grads = jax.grad(loss)(params)
+    ...   updates, state = tx.update(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(loss(params) < 108.0)
+    True
 
   References:
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
     <https://arxiv.org/abs/2409.11321>`_, 2024.
   """
   _check_common(learning_rate, b1, b2, shampoo_beta, eps, weight_decay, precondition_frequency)
-  layout = LayoutRule(max_precond_dim, merge_dims, precondition_1d)
   return _kronecker_chain(
-    (
-      rotated_adam(
-        b1,
-        b2,
-        eps,
-        correct_bias=correct_bias,
-        normalize_grads=normalize_grads,
-        moment_dtype=moment_dtype,
-      ),
+    rotated_adam(
+      b1,
+      b2,
+      eps,
+      correct_bias=correct_bias,
+      normalize_grads=normalize_grads,
+      moment_dtype=moment_dtype,
     ),
     learning_rate=learning_rate,
     weight_decay=weight_decay,
     weight_decay_mask=weight_decay_mask,
     beta=b2 if shampoo_beta is None else shampoo_beta,
-    layout=layout,
+    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size),
     precondition_frequency=precondition_frequency,
     stagger_refresh=stagger_refresh,
     stats_dtype=stats_dtype,
     basis_dtype=basis_dtype,
+    first_basis=first_basis,
   )
 
 
+@_shares_args
 def shampoo(
   learning_rate: optax.ScalarOrSchedule = 1e-3,
   b1: float = 0.9,
@@ -174,50 +259,50 @@ def shampoo(
   eps: float = 1e-6,
   weight_decay: float = 0.0,
   precondition_frequency: int = 10,
-  max_precond_dim: int = 10000,
+  max_precond_dim: int | None = None,
   merge_dims: bool = False,
   precondition_1d: bool = False,
   exponent: float = 0.5,
   trace_scaling: bool = False,
-  grafting: str = "adam",
+  grafting: Grafting = "adam",
   graft_eps: float = 1e-8,
   *,
   relative_eps: bool = True,
-  method: str = "eigh",
+  method: Method = "eigh",
   refresh_tolerance: float = 0.0,
   max_qr_iterations: int = 1,
-  weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+  block_size: int | None = None,
+  first_basis: Method = "eigh",
+  weight_decay_mask: Mask = None,
   stagger_refresh: bool = False,
-  stats_dtype=None,
-  basis_dtype=None,
-  moment_dtype=None,
+  stats_dtype: DTypeLike | None = None,
+  basis_dtype: DTypeLike | None = None,
+  moment_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Shampoo (power 1/2 by default) with Adam grafting and momentum.
+  """Shampoo (power 1/2 by default) with Adam grafting, as Distributed Shampoo runs it.
 
   Composition::
 
     chain(kronecker_stats(b2), eigenbasis_refresh(precondition_frequency, method="eigh"),
-          shampoo_precondition(exponent, eps, grafting="adam"), ema_momentum(b1),
+          shampoo_precondition(exponent, eps, b1=b1, grafting="adam"),
           scale_by_learning_rate(learning_rate), add_decayed_weights_after_step(...))
 
   The preconditioner ``(L_k + ε)^(−exponent)`` is recomputed (``eigh``) every
   ``precondition_frequency`` updates from the factor statistics; between refreshes it is stale,
-  as in every practical Shampoo. The grafted step (layer-wise norm of an Adam step without
-  momentum, Distributed Shampoo's grafting) is smoothed by a bias-corrected moving average
-  ``optax.ema(b1)``; its count includes the initialising first call.
+  as in every practical Shampoo. What is preconditioned is the filtered gradient (Distributed
+  Shampoo's ``betas[0]``: an EMA of the gradient with ``b1``, bias-corrected by the number of
+  real updates), and the step takes the norm of Adam's step (without momentum) on it, per
+  parameter or block (grafting).
 
   Args:
     learning_rate: learning rate or schedule.
-    b1: momentum (moving average of the grafted step).
+    b1: gradient filtering (EMA of the gradient before preconditioning).
     b2: decay of the factor statistics and of the grafting's second moment.
     shampoo_beta: decay of the factor statistics if it should differ from ``b2``.
     eps: damping added to every factor eigenvalue before the inverse root, relative to the
       factor's largest eigenvalue (see :func:`~soap_optax.shampoo_precondition`).
     weight_decay: decoupled weight decay, applied after the step.
     precondition_frequency: recompute the preconditioner every this many updates.
-    max_precond_dim: axes longer than this are not preconditioned.
-    merge_dims: merge consecutive axes while their product is at most ``max_precond_dim``.
-    precondition_1d: precondition 1-D parameters too.
     exponent: inverse root of each factor (0.5: the SOAP paper's Shampoo-1/2; 0.25: original).
     trace_scaling: the SOAP paper's scalar correction ``tr(L)^(exponent·(K−1))``.
     grafting: ``"adam"``, ``"rmsprop"``, ``"sgd"`` or ``"none"``.
@@ -226,16 +311,21 @@ def shampoo(
     method: ``"eigh"`` (exact) or ``"qr"`` (warm-started power iteration) for the refresh.
     refresh_tolerance: adaptive skip test of the refresh (0 refreshes on every schedule).
     max_qr_iterations: QR iterations per refresh when ``method="qr"``.
-    weight_decay_mask: which parameters to decay.
-    stagger_refresh: spread the factors' refreshes over each window of
-      ``precondition_frequency`` steps instead of refreshing all at once (same work, no slow
-      step; changes the schedule, so off by default).
-    stats_dtype: dtype of the factor statistics.
-    basis_dtype: dtype of the eigenbases.
-    moment_dtype: dtype of the grafting state and of the momentum.
+    {shared_args}
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> tx = soap_optax.shampoo(learning_rate=1e-2, method="qr", first_basis="qr")  # no eigh
+    >>> params = {"w": jnp.zeros((4, 3))}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({"w": jnp.ones((4, 3))}, state, params)  # initialises
+    >>> updates, state = tx.update({"w": jnp.ones((4, 3))}, state, params)
+    >>> round(float(jnp.linalg.norm(updates["w"])), 4)  # Adam's first step, grafted: lr·√12
+    0.0346
 
   References:
     Gupta et al., `Shampoo: Preconditioned Stochastic Tensor Optimization
@@ -247,26 +337,23 @@ def shampoo(
   _checks.check_positive("exponent", exponent)
   _checks.check_nonnegative("graft_eps", graft_eps)
   _checks.check_unit_interval("refresh_tolerance", refresh_tolerance, closed=True)
-  layout = LayoutRule(max_precond_dim, merge_dims, precondition_1d)
   return _kronecker_chain(
-    (
-      shampoo_precondition(
-        exponent,
-        eps,
-        relative_eps=relative_eps,
-        trace_scaling=trace_scaling,
-        grafting=grafting,
-        graft_b2=b2,
-        graft_eps=graft_eps,
-        moment_dtype=moment_dtype,
-      ),
-      ema_momentum(b1, moment_dtype=moment_dtype),
+    shampoo_precondition(
+      exponent,
+      eps,
+      b1=b1,
+      relative_eps=relative_eps,
+      trace_scaling=trace_scaling,
+      grafting=grafting,
+      graft_b2=b2,
+      graft_eps=graft_eps,
+      moment_dtype=moment_dtype,
     ),
     learning_rate=learning_rate,
     weight_decay=weight_decay,
     weight_decay_mask=weight_decay_mask,
     beta=b2 if shampoo_beta is None else shampoo_beta,
-    layout=layout,
+    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size),
     precondition_frequency=precondition_frequency,
     stagger_refresh=stagger_refresh,
     stats_dtype=stats_dtype,
@@ -274,9 +361,11 @@ def shampoo(
     refresh_tolerance=refresh_tolerance,
     max_qr_iterations=max_qr_iterations,
     method=method,
+    first_basis=first_basis,
   )
 
 
+@_shares_args
 def eigen_adafactor(
   learning_rate: optax.ScalarOrSchedule = 3e-3,
   b1: float = 0.95,
@@ -285,17 +374,19 @@ def eigen_adafactor(
   eps: float = 1e-8,
   weight_decay: float = 0.01,
   precondition_frequency: int = 10,
-  max_precond_dim: int = 10000,
+  max_precond_dim: int | None = None,
   merge_dims: bool = False,
   precondition_1d: bool = False,
   correct_bias: bool = True,
   *,
   eps2: float = 1e-30,
-  weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+  block_size: int | None = None,
+  first_basis: Method = "eigh",
+  weight_decay_mask: Mask = None,
   stagger_refresh: bool = False,
-  stats_dtype=None,
-  basis_dtype=None,
-  moment_dtype=None,
+  stats_dtype: DTypeLike | None = None,
+  basis_dtype: DTypeLike | None = None,
+  moment_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor in the eigenbasis of Shampoo's preconditioner (the SOAP paper's Shampoo-1/2).
 
@@ -316,21 +407,21 @@ def eigen_adafactor(
     eps: added to ``√V``.
     weight_decay: decoupled weight decay, applied after the step.
     precondition_frequency: refresh the eigenbases every this many updates.
-    max_precond_dim: axes longer than this are not rotated.
-    merge_dims: merge consecutive axes while their product is at most ``max_precond_dim``.
-    precondition_1d: rotate 1-D parameters too.
     correct_bias: use Adam's bias correction.
     eps2: Adafactor's ε₁, added to the squared rotated gradient.
-    weight_decay_mask: which parameters to decay.
-    stagger_refresh: spread the factors' refreshes over each window of
-      ``precondition_frequency`` steps instead of refreshing all at once (same work, no slow
-      step; changes the schedule, so off by default).
-    stats_dtype: dtype of the factor statistics.
-    basis_dtype: dtype of the eigenbases.
-    moment_dtype: dtype of the moments.
+    {shared_args}
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> tx = soap_optax.eigen_adafactor(learning_rate=1e-2)
+    >>> state = tx.init({"w": jnp.zeros((64, 32))})
+    >>> adafactor = state.inner_state[2]  # chain: stats, bases, Adafactor, lr, decay
+    >>> adafactor.nu_row["w"].size + adafactor.nu_col["w"].size  # 64 + 32 numbers, not 64·32
+    96
 
   References:
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
@@ -338,18 +429,16 @@ def eigen_adafactor(
   """
   _check_common(learning_rate, b1, b2, shampoo_beta, eps, weight_decay, precondition_frequency)
   _checks.check_nonnegative("eps2", eps2)
-  layout = LayoutRule(max_precond_dim, merge_dims, precondition_1d)
+  layout = _layout(max_precond_dim, merge_dims, precondition_1d, block_size)
   return _kronecker_chain(
-    (
-      rotated_adafactor(
-        b1,
-        b2,
-        eps,
-        layout=layout,
-        eps2=eps2,
-        correct_bias=correct_bias,
-        moment_dtype=moment_dtype,
-      ),
+    rotated_adafactor(
+      b1,
+      b2,
+      eps,
+      layout=layout,
+      eps2=eps2,
+      correct_bias=correct_bias,
+      moment_dtype=moment_dtype,
     ),
     learning_rate=learning_rate,
     weight_decay=weight_decay,
@@ -360,9 +449,11 @@ def eigen_adafactor(
     stagger_refresh=stagger_refresh,
     stats_dtype=stats_dtype,
     basis_dtype=basis_dtype,
+    first_basis=first_basis,
   )
 
 
+@_shares_args
 def eshampoo(
   learning_rate: optax.ScalarOrSchedule = 3e-3,
   b1: float = 0.9,
@@ -371,17 +462,19 @@ def eshampoo(
   eps: float = 1e-8,
   weight_decay: float = 0.0,
   precondition_frequency: int = 10,
-  max_precond_dim: int = 10000,
+  max_precond_dim: int | None = None,
   merge_dims: bool = False,
   precondition_1d: bool = False,
   refresh_tolerance: float = 0.01,
   max_qr_iterations: int = 3,
   *,
-  weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+  block_size: int | None = None,
+  first_basis: Method = "eigh",
+  weight_decay_mask: Mask = None,
   stagger_refresh: bool = False,
-  stats_dtype=None,
-  basis_dtype=None,
-  moment_dtype=None,
+  stats_dtype: DTypeLike | None = None,
+  basis_dtype: DTypeLike | None = None,
+  moment_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Eigenvalue-corrected Shampoo with the adaptive eigenbasis refresh of *Purifying Shampoo*.
 
@@ -404,21 +497,20 @@ def eshampoo(
     eps: added to ``√D̂``.
     weight_decay: decoupled weight decay, applied after the step.
     precondition_frequency: how often the bases are tested (and refreshed when stale).
-    max_precond_dim: axes longer than this are not rotated.
-    merge_dims: merge consecutive axes while their product is at most ``max_precond_dim``.
-    precondition_1d: rotate 1-D parameters too.
     refresh_tolerance: τ in ``[0, 1]``; 0 refreshes every factor on every schedule.
     max_qr_iterations: the most warm-started QR iterations per refresh.
-    weight_decay_mask: which parameters to decay.
-    stagger_refresh: spread the factors' refreshes over each window of
-      ``precondition_frequency`` steps instead of refreshing all at once (same work, no slow
-      step; changes the schedule, so off by default).
-    stats_dtype: dtype of the factor statistics.
-    basis_dtype: dtype of the eigenbases.
-    moment_dtype: dtype of the moments.
+    {shared_args}
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> tx = soap_optax.eshampoo(learning_rate=1e-2, refresh_tolerance=0.05)
+    >>> state = tx.init({"w": jnp.zeros((8, 4))})
+    >>> sorted(state.inner_state[1].refreshes)  # one counter per factor
+    ['w:0', 'w:1']
 
   References:
     Eschenhagen et al., `Purifying Shampoo: Investigating Shampoo's Heuristics by Decomposing its
@@ -427,18 +519,18 @@ def eshampoo(
   _check_common(learning_rate, b1, b2, shampoo_beta, eps, weight_decay, precondition_frequency)
   _checks.check_unit_interval("refresh_tolerance", refresh_tolerance, closed=True)
   _checks.check_positive_int("max_qr_iterations", max_qr_iterations)
-  layout = LayoutRule(max_precond_dim, merge_dims, precondition_1d)
   return _kronecker_chain(
-    (eigenvalue_corrected(b1, b2, eps, moment_dtype=moment_dtype),),
+    eigenvalue_corrected(b1, b2, eps, moment_dtype=moment_dtype),
     learning_rate=learning_rate,
     weight_decay=weight_decay,
     weight_decay_mask=weight_decay_mask,
     beta=b2 if shampoo_beta is None else shampoo_beta,
-    layout=layout,
+    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size),
     precondition_frequency=precondition_frequency,
     stagger_refresh=stagger_refresh,
     stats_dtype=stats_dtype,
     basis_dtype=basis_dtype,
     refresh_tolerance=refresh_tolerance,
     max_qr_iterations=max_qr_iterations,
+    first_basis=first_basis,
   )

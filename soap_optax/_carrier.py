@@ -10,17 +10,26 @@ transformations therefore go in front of the first block or behind the last, nev
     gradient ─► kronecker_stats ─► eigenbasis_refresh ─► rotated_adam ─► update
                  fills stats        fills basis, next_basis,   reads all,
                                     order, eigenvalues         returns arrays
+
+State that is not shaped like the parameters (statistics, bases, Adafactor's row and column
+sums) is kept in flat dicts keyed by the parameter's path and the factor's axis
+(``"layers/0/kernel:1"``): the same keys whatever the container of the parameters (dicts, Flax
+NNX states), readable in a checkpoint, and free of the per-parameter tuples that NNX's
+conversion of the optimizer state would turn into mappings.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from soap_optax._layout import FactorLayout
+from soap_optax._layout import FactorLayout, LayoutRule, from_blocks
 
 Array = jax.Array
 PerAxis = tuple  # one entry per working axis: an array, or None for an axis without a factor
@@ -39,29 +48,35 @@ PerAxis = tuple  # one entry per working axis: an array, or None for an axis wit
     "eigenvalues",
     "refreshed",
   ],
-  meta_fields=["layout", "dtype"],
+  meta_fields=["layout", "dtype", "name", "spec"],
 )
 @dataclasses.dataclass(frozen=True)
 class KroneckerUpdate:
   """One parameter's gradient plus what the Kronecker blocks know about it.
 
+  Every array is in the working layout of :mod:`soap_optax._layout`: the gradient as
+  ``(num_blocks, *block_shape)``, each factor as ``(num_blocks, n, n)`` (one per block).
+
   Attributes:
-    grad: the gradient, reshaped to ``layout.working_shape``, in the statistics' dtype.
+    grad: the gradient in the working layout, in the compute dtype (float32 for bf16, f16 and
+      f32 parameters, float64 for float64 ones).
     count: how many updates the chain made before this one (0 on the first call, which only
       initialises statistics and bases).
     finite: whether the *whole* gradient tree of this step is finite. When it is not, every block
       keeps its state and the update is zero (the step is skipped).
-    stats: per working axis, the factor statistic ``L_k`` *including* this step's gradient.
-    basis: per axis, the orthonormal basis ``Q_k`` this step's update is computed in (it never
-      contains the current gradient).
-    next_basis: per axis, the basis after this step's refresh (equal to ``basis`` when the factor
-      was not refreshed); rotated optimizers move their moments into it.
-    order: per axis, the permutation (int32) that the refresh applied to the columns of
-      ``basis``; diagonal statistics held in the eigenbasis are permuted with it.
+    stats: per working axis, the factor statistics ``L_k`` *including* this step's gradient.
+    basis: per axis, the orthonormal bases ``Q_k`` this step's update is computed in (they never
+      contain the current gradient).
+    next_basis: per axis, the bases after this step's refresh (equal to ``basis`` where the
+      factor was not refreshed); rotated optimizers move their moments into them.
+    order: per axis, the permutation (int32, ``(num_blocks, n)``) that the refresh applied to the
+      columns of ``basis``; diagonal statistics held in the eigenbasis are permuted with it.
     eigenvalues: per axis, eigenvalue estimates matching the columns of ``basis``.
-    refreshed: per axis, a bool scalar: whether ``next_basis`` differs from ``basis``.
+    refreshed: per axis, ``(num_blocks,)`` bools: whether ``next_basis`` differs from ``basis``.
     layout: the static :class:`~soap_optax.FactorLayout` of the parameter.
     dtype: the parameter's (gradient's) dtype, which the final update is cast back to.
+    name: the parameter's path in the tree (``"layers/0/kernel"``), which keys its factors.
+    spec: the gradient's sharding under explicit sharding, else None.
   """
 
   grad: Array
@@ -75,61 +90,126 @@ class KroneckerUpdate:
   refreshed: PerAxis | None = None
   layout: FactorLayout | None = None
   dtype: Any = None
+  name: str = ""
+  spec: Any = None
 
   def replace(self, **changes) -> KroneckerUpdate:
     return dataclasses.replace(self, **changes)
 
   def restore(self, working: Array) -> Array:
-    """Reshapes a working-shape array back to the parameter's shape and dtype."""
-    return working.reshape(self.layout.shape).astype(self.dtype)
+    """A working-layout array back in the parameter's shape and dtype."""
+    return from_blocks(working, self.layout).astype(self.dtype)
+
+  @property
+  def live(self) -> Array:
+    """Whether this step updates moments and returns a step.
+
+    The first call only initialises statistics and bases; a non-finite step is skipped.
+    """
+    return self.finite & (self.count > 0)
 
 
 def is_carrier(x) -> bool:
   return isinstance(x, KroneckerUpdate)
 
 
-def per_leaf(fn, params):
-  """``jax.tree.map(fn, params)`` for block state whose leaves are not parameter-shaped.
+# -- dtypes --------------------------------------------------------------------------------------
 
-  Statistics, bases and Adafactor's row/column sums are trees of the parameters' structure whose
-  leaves are tuples (one entry per working axis). With no parameters — in particular with the
-  leafless placeholder that ``optax.tree.map_params`` initialises a transformation with — the
-  state is an opaque empty array instead: a leaf is a prefix of any subtree, so map_params
-  matches it against the real state and treats that as non-parameter state rather than trying
-  to map the parameters' specs over the tuples.
+
+def compute_dtype(param_dtype) -> jnp.dtype:
+  """The dtype the blocks compute in: at least float32, float64 for float64 parameters."""
+  return jnp.promote_types(param_dtype, jnp.float32)
+
+
+def storage_dtype(param_dtype, override=None) -> jnp.dtype:
+  """The dtype a block stores its state in: ``override`` if given, else the compute dtype.
+
+  Storage may be narrower than the compute dtype (bf16 statistics, say): the blocks cast up
+  before computing, so decompositions always run in at least float32.
   """
-  if not jax.tree.leaves(params):
-    return jax.numpy.zeros((0,), jax.numpy.float32)
-  return jax.tree.map(fn, params)
+  return jnp.dtype(override) if override is not None else compute_dtype(param_dtype)
+
+
+# -- parameters and their factors ----------------------------------------------------------------
+
+
+def parameter_name(path) -> str:
+  """A parameter's path as ``"a/b/0"``: the key prefix of its factors in the state."""
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def factor_key(name: str, axis: int) -> str:
+  """The key of a parameter's factor along working axis ``axis`` in the keyed state."""
+  return f"{name}:{axis}"
+
+
+def named_leaves(tree, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[str, Any]]:
+  """``(name, leaf)`` for every leaf of ``tree``, with unique names."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+  named = [(parameter_name(path), leaf) for path, leaf in flat]
+  names = [name for name, _ in named]
+  if len(set(names)) != len(names):
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    raise ValueError(
+      f"Parameters {duplicates} have the same path name; soap_optax keys its state by "
+      "parameter path, so rename them (e.g. avoid '/' inside dict keys)."
+    )
+  return named
+
+
+def keyed(params, build: Callable[[str, Any], dict[str, Any]]):
+  """A flat dict of per-factor (or per-parameter) state: ``build(name, param)`` merged.
+
+  With no parameters — in particular with the leafless placeholder that
+  ``optax.tree.map_params`` initialises a transformation with — the result is an opaque empty
+  array instead: a leaf is a prefix of any subtree, so map_params matches it against the real
+  dict and treats that as non-parameter state.
+  """
+  leaves = named_leaves(params)
+  if not leaves:
+    return jnp.zeros((0,), jnp.float32)
+  out = {}
+  for name, p in leaves:
+    out.update(build(name, p))
+  return out
 
 
 def per_parameter(fn, num_outputs: int, updates, *trees):
   """Applies ``fn`` to each :class:`KroneckerUpdate` of ``updates`` with its state subtrees.
 
-  ``trees`` (block states) have ``updates``' structure down to its records (their leaves may be
-  tuples, one entry per axis). ``fn`` returns ``num_outputs`` values; each is reassembled into a
-  tree of ``updates``' structure.
+  ``trees`` (parameter-shaped block states) have ``updates``' structure down to its records.
+  ``fn`` returns ``num_outputs`` values; the first is reassembled into a tree of ``updates``'
+  structure, the others too when they are parameter-shaped. Returns the reassembled trees.
   """
   treedef = jax.tree.structure(updates, is_leaf=is_carrier)
-  if treedef.num_leaves == 0:  # no parameters: the states are opaque empty leaves (per_leaf)
+  if treedef.num_leaves == 0:
     return (updates, *trees[: num_outputs - 1])
   columns = [treedef.flatten_up_to(t) for t in (updates, *trees)]
   results = [fn(*args) for args in zip(*columns, strict=True)]
   return tuple(treedef.unflatten([r[i] for r in results]) for i in range(num_outputs))
 
 
+def carriers_of(updates) -> list[KroneckerUpdate]:
+  return [c for c in jax.tree.leaves(updates, is_leaf=is_carrier) if is_carrier(c)]
+
+
+# -- checks --------------------------------------------------------------------------------------
+
+
 def _check_field_dtypes(leaf: KroneckerUpdate) -> bool:
   """A standard optax transform mapped over a record turns its integer fields into floats."""
-  ok = jax.numpy.issubdtype(leaf.count.dtype, jax.numpy.integer) and leaf.finite.dtype == bool
+  ok = jnp.issubdtype(leaf.count.dtype, jnp.integer) and leaf.finite.dtype == bool
   for order in leaf.order or ():
-    ok = ok and (order is None or jax.numpy.issubdtype(order.dtype, jax.numpy.integer))
+    ok = ok and (order is None or jnp.issubdtype(order.dtype, jnp.integer))
   return ok
+
+
+_LAST_BLOCKS = "rotated_adam, rotated_adafactor, eigenvalue_corrected, shampoo_precondition"
 
 
 def expect_carriers(updates, block: str, needs: str, produced_by: str) -> None:
   """Raises a clear error when a block is placed where its inputs are not available."""
-  leaves = jax.tree.leaves(updates, is_leaf=is_carrier)
-  for leaf in leaves:
+  for leaf in jax.tree.leaves(updates, is_leaf=is_carrier):
     if not is_carrier(leaf):
       raise TypeError(
         f"{block} expects the updates produced by {produced_by} (a KroneckerUpdate per "
@@ -141,8 +221,7 @@ def expect_carriers(updates, block: str, needs: str, produced_by: str) -> None:
         f"{block} received a KroneckerUpdate that a standard optax transformation has mapped "
         f"over (its integer fields are no longer integers). Place {block} directly after "
         f"{produced_by}; standard transformations belong before kronecker_stats or after the "
-        "block that returns plain updates (rotated_adam, rotated_adafactor, eigenvalue_corrected, "
-        "shampoo_precondition)."
+        f"block that returns plain updates ({_LAST_BLOCKS})."
       )
     if getattr(leaf, needs) is None:
       raise TypeError(
@@ -151,13 +230,22 @@ def expect_carriers(updates, block: str, needs: str, produced_by: str) -> None:
       )
 
 
-def check_layout(carrier: KroneckerUpdate, rule, block: str) -> None:
+def check_layout(carrier: KroneckerUpdate, rule: LayoutRule, block: str) -> None:
   """Raises when ``block`` was built with another layout than the statistics it receives."""
   expected = rule.layout(carrier.layout.shape)
   if expected != carrier.layout:
     raise ValueError(
-      f"{block} was built with {rule}, which lays out a parameter of shape "
-      f"{carrier.layout.shape} as {expected.working_shape} (factored {expected.factored}), but "
-      f"kronecker_stats laid it out as {carrier.layout.working_shape} (factored "
-      f"{carrier.layout.factored}). Pass the same LayoutRule to every block of the chain."
+      f"{block} was built with {rule}, which lays out parameter {carrier.name!r} of shape "
+      f"{carrier.layout.shape} as blocks {expected.blocked_shape} (factored "
+      f"{expected.factored}), but kronecker_stats laid it out as {carrier.layout.blocked_shape} "
+      f"(factored {carrier.layout.factored}). Pass the same LayoutRule to every block of the "
+      "chain."
     )
+
+
+def padding_counts(layout: FactorLayout, axis: int) -> np.ndarray:
+  """Per block, how many coordinates of axis ``axis`` are padding (0 without padding)."""
+  padding = layout.padding(axis)
+  if padding is None:
+    return np.zeros((layout.num_blocks,), np.int32)
+  return padding.sum(axis=1).astype(np.int32)

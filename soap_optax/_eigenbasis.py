@@ -1,65 +1,270 @@
-"""Eigenbases of the Kronecker factors, refreshed on a schedule or when they go stale."""
+"""Eigenbases of the Kronecker factors, refreshed on a schedule or when they go stale.
+
+The refresh works on *stacks*: all factors of the same side, dtype and schedule phase, from
+every parameter and block, are concatenated into one ``(K, n, n)`` array and decomposed in one
+batched call. That keeps the compiled program's size (and its compile time) independent of the
+number of parameters, and on a device mesh the stack's leading axis is divided over the devices,
+so each device decomposes about ``K / devices`` factors (``BUILD_NOTES.md``, "Sharded state").
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
+from jax.typing import ArrayLike, DTypeLike
 
-from soap_optax import _linalg
+from soap_optax import _linalg, _sharding
 from soap_optax._carrier import (
+  KroneckerUpdate,
   check_layout,
   expect_carriers,
+  factor_key,
   is_carrier,
-  per_leaf,
-  per_parameter,
+  keyed,
+  named_leaves,
+  storage_dtype,
 )
 from soap_optax._layout import LayoutRule
+from soap_optax._linalg import Eigenbasis
+from soap_optax._stats import factor_shapes
 
+Method = Literal["qr", "eigh"]
+_METHODS = ("qr", "eigh")
 _KEEP, _FIRST, _SCHEDULED = 0, 1, 2
 
 
 class EigenbasisState(NamedTuple):
   """State of :func:`eigenbasis_refresh`.
 
-  Each field holds, per parameter, a tuple with one entry per working axis (``None`` for an axis
-  without a factor).
+  Each field is a dict keyed like the statistics (``"<parameter path>:<working axis>"``), with
+  one entry per block of the parameter.
 
   Attributes:
-    basis: the orthonormal basis ``Q_k`` of each factor (identity before the first step).
-    eigenvalues: the eigenvalue estimates matching the columns of ``basis``.
-    refreshes: how many times each factor's basis was recomputed (the first ``eigh`` included).
-    qr_iterations: QR iterations spent at the factor's last refresh (0 when it was skipped).
+    basis: the orthonormal bases ``Q_k``, ``(num_blocks, n, n)`` (identity before the first
+      step).
+    eigenvalues: the eigenvalue estimates matching the columns of ``basis``, ``(num_blocks, n)``
+      (−1 on the zero padding of ragged blocks).
+    refreshes: how many times each basis was recomputed (the first decomposition included).
+    qr_iterations: QR iterations spent at each factor's last refresh (0 when it was skipped).
   """
 
-  basis: optax.Params
-  eigenvalues: optax.Params
-  refreshes: optax.Params
-  qr_iterations: optax.Params
+  basis: dict[str, jax.Array]
+  eigenvalues: dict[str, jax.Array]
+  refreshes: dict[str, jax.Array]
+  qr_iterations: dict[str, jax.Array]
 
 
-def off_diagonal_ratio(matrix, basis):
-  """``‖B − diag(B)‖_F / ‖B‖_F`` with ``B = QᵀLQ``: how far ``Q`` is from diagonalising ``L``."""
-  b = basis.T @ (matrix @ basis)
-  off = jnp.linalg.norm(b - jnp.diag(jnp.diag(b)))
-  return off / jnp.maximum(jnp.linalg.norm(b), jnp.finfo(b.dtype).tiny)
+@dataclasses.dataclass(frozen=True)
+class RefreshConfig:
+  """How and when :func:`eigenbasis_refresh` recomputes a basis (validated on construction).
 
-
-def _staleness(matrix, basis, lq, tolerance):
-  """Purifying Shampoo's test ``‖B − diag B‖_F > τ‖B‖_F`` for ``B = QᵀLQ``, and ``diag(B)``.
-
-  ``Q`` is orthonormal, so ``‖B‖_F = ‖L‖_F`` and ``‖B − diag B‖²_F = ‖L‖²_F − ‖diag B‖²``: the
-  test needs only ``diag(B)``, i.e. ``LQ`` (which the power step reuses), not the second product
-  ``Qᵀ(LQ)``. The subtraction loses accuracy only for τ near float precision, where every basis
-  then counts as stale — the safe side.
+  Attributes:
+    precondition_frequency: refresh every this many updates.
+    method: ``"qr"``, warm-started power iteration + QR (SOAP), or ``"eigh"``.
+    first_basis: ``"eigh"`` (the references) or ``"qr"``: QR iterations from the identity, for
+      accelerators whose ``eigh`` is slow.
+    refresh_tolerance: τ of the adaptive skip test; 0 refreshes on every schedule.
+    max_qr_iterations: the most power/QR steps per refresh.
+    stagger: give each factor its own phase within the window.
   """
-  diag = jnp.einsum("ij,ij->j", basis, lq)
-  total = jnp.sum(jnp.square(matrix))
-  off = jnp.maximum(total - jnp.sum(jnp.square(diag)), 0)
-  return off > jnp.square(tolerance) * total, diag
+
+  precondition_frequency: ArrayLike = 10
+  method: Method = "qr"
+  first_basis: Method = "eigh"
+  refresh_tolerance: ArrayLike = 0.0
+  max_qr_iterations: ArrayLike = 1
+  stagger: bool = False
+
+  def __post_init__(self):
+    for name in ("method", "first_basis"):
+      if getattr(self, name) not in _METHODS:
+        raise ValueError(f"{name} must be 'qr' or 'eigh', got {getattr(self, name)!r}.")
+    if self.stagger and not isinstance(self.precondition_frequency, int):
+      raise ValueError(
+        "stagger=True needs a static (Python int) precondition_frequency; with "
+        "optax.inject_hyperparams, list precondition_frequency in static_args."
+      )
+    iterations = self.max_qr_iterations
+    if isinstance(iterations, (int, float)) and not (
+      iterations >= 1 and iterations == int(iterations)
+    ):
+      raise ValueError(f"max_qr_iterations must be an int >= 1, got {iterations!r}.")
+
+  @property
+  def adaptive(self) -> bool:
+    """Whether a scheduled refresh first tests each factor (τ not statically zero)."""
+    return not isinstance(self.refresh_tolerance, (int, float)) or self.refresh_tolerance > 0
+
+  @property
+  def single_iteration(self) -> bool:
+    return isinstance(self.max_qr_iterations, int) and self.max_qr_iterations == 1
+
+
+# -- the decompositions, on stacks ``(K, n, n)`` or single matrices ---------------------------
+
+
+def _refresh(stats, basis, estimates, product, padding, config: RefreshConfig) -> Eigenbasis:
+  """Recomputes a basis: sorted power step + QR (+ warm iterations), or ``eigh``."""
+  if config.method == "eigh":
+    return _linalg.eigh_basis(stats)
+  new_basis, order = _linalg.sorted_power_step(product, estimates)
+  if config.single_iteration:
+    eigenvalues = jnp.take_along_axis(estimates, order, axis=-1)
+    iterations = jnp.ones(order.shape[:-1], jnp.int32)
+  else:
+    new_basis, eigenvalues, iterations = _linalg.warm_qr_iterations(
+      stats, new_basis, config.refresh_tolerance, config.max_qr_iterations, padding
+    )
+  return Eigenbasis(new_basis, order, eigenvalues, jnp.ones(order.shape[:-1], bool), iterations)
+
+
+def _kept(basis, estimates) -> Eigenbasis:
+  batch, n = estimates.shape[:-1], estimates.shape[-1]
+  order = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (*batch, n))
+  return Eigenbasis(basis, order, estimates, jnp.zeros(batch, bool), jnp.zeros(batch, jnp.int32))
+
+
+def _scheduled(stats, basis, padding, config: RefreshConfig) -> Eigenbasis:
+  """A scheduled refresh of one factor: skip it when fresh enough (τ > 0), else recompute."""
+  if config.method == "eigh" and not config.adaptive:
+    return _linalg.eigh_basis(stats)
+  product = stats @ basis
+  estimates = _linalg.diagonal_estimates(basis, product)
+  if not config.adaptive:
+    return _refresh(stats, basis, estimates, product, padding, config)
+  stale = _linalg.is_stale(stats, estimates, config.refresh_tolerance, padding)
+  return lax.cond(
+    stale,
+    lambda: _refresh(stats, basis, estimates, product, padding, config),
+    lambda: _kept(basis, estimates),
+  )
+
+
+def _first(stats, basis, padding, config: RefreshConfig) -> Eigenbasis:
+  """The first basis: ``eigh``, or the QR refresh started from the identity."""
+  if config.first_basis == "eigh":
+    return _linalg.eigh_basis(stats)
+  return _scheduled(
+    stats,
+    jnp.broadcast_to(jnp.eye(stats.shape[-1], dtype=stats.dtype), stats.shape),
+    padding,
+    dataclasses.replace(config, method="qr"),
+  )
+
+
+def _guarded(decompose, stats, basis, estimates, padding, config) -> Eigenbasis:
+  """``decompose`` over a stack, keeping the old basis where the result is not finite."""
+  if config.adaptive and not (decompose is _first and config.first_basis == "eigh"):
+    # One factor at a time, so that each factor's skip test is a real branch.
+    result = lax.map(lambda a: decompose(*a, config), (stats, basis, padding))
+  else:
+    result = decompose(stats, basis, padding, config)
+  ok = jnp.all(jnp.isfinite(result.basis), axis=(-2, -1)) & jnp.all(
+    jnp.isfinite(result.eigenvalues), axis=-1
+  )
+  kept = _kept(basis, estimates)
+  return jax.tree.map(
+    lambda new, old: jnp.where(ok.reshape(ok.shape + (1,) * (new.ndim - 1)), new, old),
+    result._replace(refreshed=result.refreshed & ok),
+    kept,
+  )
+
+
+# -- schedule: phases and stacks ----------------------------------------------------------------
+
+
+class _Unit(NamedTuple):
+  """One factor of one parameter (all its blocks): the unit the state is keyed by."""
+
+  key: str
+  carrier: KroneckerUpdate
+  axis: int
+
+
+def _phases(units: Sequence[_Unit], config: RefreshConfig) -> list[int]:
+  """Each unit's refresh phase: 0 for all, or a greedy balance of the ``blocks · n³`` costs."""
+  if not config.stagger:
+    return [0] * len(units)
+  frequency = config.precondition_frequency
+  load, phases = [0] * frequency, [0] * len(units)
+  costs = [u.carrier.layout.num_blocks * u.carrier.layout.block_shape[u.axis] ** 3 for u in units]
+  for i in sorted(range(len(units)), key=lambda i: -costs[i]):  # stable: ties in tree order
+    phase = min(range(frequency), key=load.__getitem__)
+    phases[i] = phase
+    load[phase] += costs[i]
+  return phases
+
+
+def _padding(unit: _Unit, dtype) -> np.ndarray:
+  """``(num_blocks, n)``: 1 on the zero padding of ragged blocks, else 0."""
+  layout = unit.carrier.layout
+  padding = layout.padding(unit.axis)
+  if padding is None:
+    return np.zeros((layout.num_blocks, layout.block_shape[unit.axis]), dtype)
+  return padding.astype(dtype)
+
+
+def _decompose_stack(branch, units, stats, bases, estimates, config, mesh):
+  """Runs ``branch`` (``_first`` or ``_scheduled``) on the stack of the units' factors.
+
+  The factors are concatenated along their block axis, padded with identities to a multiple of
+  the device count, and the stack's leading axis is divided over the devices: each device
+  decomposes its own slice (inside ``shard_map``, so QR and the per-factor skip branches stay
+  local). The results are split back per unit.
+  """
+  sizes = [s.shape[0] for s in stats]
+  n, dtype = stats[0].shape[-1], stats[0].dtype
+  padding = np.concatenate([_padding(u, np.dtype(dtype)) for u in units])
+  stats = _linalg.sentinel_padding(jnp.concatenate(stats), padding)
+  basis, estimate = jnp.concatenate(bases), jnp.concatenate(estimates)
+  count = _sharding.device_count(mesh)
+  extra = -len(padding) % count
+  if extra:  # identity factors fill the stack up to a multiple of the device count
+    eye = jnp.broadcast_to(jnp.eye(n, dtype=dtype), (extra, n, n))
+    stats, basis = jnp.concatenate([stats, eye]), jnp.concatenate([basis, eye])
+    estimate = jnp.concatenate([estimate, jnp.ones((extra, n), dtype)])
+    padding = np.concatenate([padding, np.zeros((extra, n), padding.dtype)])
+  counts = jnp.asarray(padding.sum(-1))
+
+  def local(stats, basis, estimate, counts):
+    return _guarded(branch, stats, basis, estimate, counts, config)
+
+  if mesh is not None:
+    spec = _sharding.stack_spec(mesh, 3)
+    vector, scalar = _sharding.stack_spec(mesh, 2), _sharding.stack_spec(mesh, 1)
+    stats, basis = (_sharding.constrain(x, spec, mesh) for x in (stats, basis))
+    estimate = _sharding.constrain(estimate, vector, mesh)
+    counts = _sharding.constrain(counts, scalar, mesh)
+    local = jax.shard_map(
+      local,
+      mesh=jax.sharding.get_abstract_mesh(),
+      in_specs=(spec, spec, vector, scalar),
+      out_specs=Eigenbasis(spec, vector, vector, scalar, scalar),
+      check_vma=False,
+    )
+  result = local(stats, basis, estimate, counts)
+  ends = np.cumsum(sizes)
+  return [
+    jax.tree.map(lambda x, e=e, s=s: x[e - s : e], result) for e, s in zip(ends, sizes, strict=True)
+  ]
+
+
+def _group(units: Sequence[_Unit], phases: Sequence[int]) -> dict[tuple, list[int]]:
+  """Units of equal factor size, compute dtype and phase share one stack (in tree order)."""
+  groups: dict[tuple, list[int]] = {}
+  for i, (unit, phase) in enumerate(zip(units, phases, strict=True)):
+    layout = unit.carrier.layout
+    key = (layout.block_shape[unit.axis], jnp.dtype(unit.carrier.grad.dtype).name, phase)
+    groups.setdefault(key, []).append(i)
+  return groups
 
 
 def eigenbasis_refresh(
@@ -68,9 +273,10 @@ def eigenbasis_refresh(
   layout: LayoutRule | None = None,
   refresh_tolerance: float = 0.0,
   max_qr_iterations: int = 1,
-  method: str = "qr",
+  method: Method = "qr",
+  first_basis: Method = "eigh",
   stagger: bool = False,
-  dtype=None,
+  dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   """Keeps an orthonormal eigenbasis ``Q_k`` of every Kronecker factor ``L_k``.
 
@@ -80,19 +286,24 @@ def eigenbasis_refresh(
   estimated eigenvalues ``diag(QᵀLQ)``, takes one power-iteration step ``L Q`` and
   re-orthonormalises it with QR; with ``max_qr_iterations > 1`` further warm-started steps follow
   until the basis passes the staleness test below. ``method="eigh"`` recomputes the exact
-  eigendecomposition instead.
+  eigendecomposition instead. ``first_basis="qr"`` replaces the first ``eigh`` too, by the QR
+  refresh started from the identity: no ``eigh`` anywhere, the choice for accelerators whose
+  batched ``eigh`` is slow (on TPU, measured ~30× slower than QR); its first basis is only an
+  approximation of the reference's, improving with ``max_qr_iterations`` and with every refresh.
 
   With ``refresh_tolerance`` τ > 0 (the adaptive rule of *Purifying Shampoo*) a scheduled refresh
   first measures, per factor, ``B = QᵀLQ`` and skips the factor when
   ``‖B − diag(B)‖_F ≤ τ‖B‖_F``; ``diag(B)`` then serves as the eigenvalue estimate. τ = 0 refreshes
-  every factor at every scheduled step; τ = 1 never refreshes after the first basis. Each factor's
-  refresh is a runtime branch of its own (``lax.cond``): a skipped factor costs only its test, and
-  a step that is not scheduled costs nothing.
+  every factor at every scheduled step; τ = 1 never refreshes after the first basis. A skipped
+  factor costs only its test, and a step that is not scheduled costs nothing: the refresh is a
+  runtime branch.
 
-  A refresh whose result is not finite keeps the previous basis. The basis used by this step's
-  update (``basis`` of the :class:`~soap_optax.KroneckerUpdate`) is the one from *before* the
-  refresh, so it never contains the current gradient; the refreshed one travels as
-  ``next_basis`` together with the column ``order`` for the rotated optimizers' moments.
+  Factors of the same size are refreshed together, as one batched decomposition; on a device
+  mesh each device decomposes its share of them. A refresh whose result is not finite keeps the
+  previous basis. The basis used by this step's update (``basis`` of the
+  :class:`~soap_optax.KroneckerUpdate`) is the one from *before* the refresh, so it never
+  contains the current gradient; the refreshed one travels as ``next_basis`` together with the
+  column ``order`` for the rotated optimizers' moments.
 
   Args:
     precondition_frequency: refresh every this many updates (>= 1).
@@ -100,15 +311,31 @@ def eigenbasis_refresh(
     refresh_tolerance: τ in ``[0, 1]`` for the adaptive skip test; 0 keeps the fixed schedule.
     max_qr_iterations: the most warm-started power/QR steps per refresh (>= 1).
     method: ``"qr"`` (warm-started power iteration + QR) or ``"eigh"``.
+    first_basis: ``"eigh"`` (the references' first step) or ``"qr"`` (no ``eigh`` at all).
     stagger: spread the factors' refreshes over the ``precondition_frequency`` steps of a window
-      (each factor gets a fixed phase, balanced by its ``n³`` cost) instead of refreshing all of
-      them at steps 10, 20, …: the same work per window without one slow step. It changes when
-      each basis is refreshed, so it is off by default (SOAP's schedule).
-    dtype: dtype of the bases; by default float32, or float64 for float64 parameters (the
-      statistics' default). The aliases pass their ``stats_dtype`` when no ``basis_dtype`` is set.
+      (each factor gets a fixed phase, balanced by its ``blocks · n³`` cost) instead of
+      refreshing all of them at steps 10, 20, …: the same work per window without one slow step.
+      It changes when each basis is refreshed, so it is off by default (SOAP's schedule).
+    dtype: storage dtype of the bases and eigenvalue estimates (the decompositions run in
+      float32 whatever it is); by default float32, or float64 for float64 parameters.
 
   Returns:
     An ``optax.GradientTransformation`` to be placed after :func:`~soap_optax.kronecker_stats`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> rule = soap_optax.LayoutRule()
+    >>> tx = optax.chain(
+    ...   soap_optax.kronecker_stats(0.95, layout=rule),
+    ...   soap_optax.eigenbasis_refresh(10, layout=rule),
+    ... )
+    >>> grads = {"w": jnp.array([[2.0, 0.0], [0.0, 1.0]])}
+    >>> records, state = tx.update(grads, tx.init(grads))
+    >>> state[1].basis["w:0"][0]  # the eigenbasis of G Gᵀ, eigenvalues descending
+    Array([[1., 0.],
+           [0., 1.]], dtype=float32)
 
   References:
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
@@ -116,169 +343,130 @@ def eigenbasis_refresh(
     Eschenhagen et al., `Purifying Shampoo: Investigating Shampoo's Heuristics by Decomposing its
     Preconditioner <https://arxiv.org/abs/2506.03595>`_, 2025.
   """
-  layout = layout or LayoutRule()
-  if method not in ("qr", "eigh"):
-    raise ValueError(f"method must be 'qr' or 'eigh', got {method!r}.")
-  if stagger and not isinstance(precondition_frequency, int):
-    raise ValueError("stagger=True needs a static (Python int) precondition_frequency.")
-  static_tolerance = isinstance(refresh_tolerance, (int, float))
-  check_staleness = not static_tolerance or refresh_tolerance > 0
-  if not isinstance(max_qr_iterations, int) or max_qr_iterations < 1:
-    raise ValueError(f"max_qr_iterations must be an int >= 1, got {max_qr_iterations!r}.")
+  rule = layout or LayoutRule()
+  config = RefreshConfig(
+    precondition_frequency, method, first_basis, refresh_tolerance, max_qr_iterations, stagger
+  )
 
   def init_fn(params):
+    mesh = _sharding.find_mesh(params)
+
     def per_factor(make):
-      def init_leaf(p):
-        dt = jnp.dtype(dtype) if dtype is not None else jnp.promote_types(p.dtype, jnp.float32)
-        sizes = layout.layout(p.shape).factor_sizes
-        return tuple(None if n is None else make(n, dt) for n in sizes)
+      def build(name, p):
+        dt = storage_dtype(p.dtype, dtype)
+        out = {}
+        for axis, shape in factor_shapes(rule.layout(p.shape)).items():
+          x = make(shape, dt)
+          out[factor_key(name, axis)] = _sharding.constrain(
+            x, _sharding.spread(x.shape, mesh), mesh
+          )
+        return out
 
-      return per_leaf(init_leaf, params)
+      return keyed(params, build)
 
-    return EigenbasisState(
-      basis=per_factor(lambda n, dt: jnp.eye(n, dtype=dt)),
-      eigenvalues=per_factor(lambda n, dt: jnp.zeros((n,), dt)),
-      refreshes=per_factor(lambda n, dt: jnp.zeros([], jnp.int32)),
-      qr_iterations=per_factor(lambda n, dt: jnp.zeros([], jnp.int32)),
-    )
-
-  def refresh_qr(matrix, lq, estimates):
-    """Sorted power step + QR, then more warm-started steps while the basis is stale."""
-    order = jnp.argsort(-estimates, stable=True).astype(jnp.int32)
-    new_basis, _ = jnp.linalg.qr(lq[:, order])
-    if max_qr_iterations == 1:
-      return new_basis, order, estimates[order], jnp.ones([], jnp.int32)
-
-    def measured(i, q):
-      lq = matrix @ q
-      stale, diag = _staleness(matrix, q, lq, refresh_tolerance)
-      return i, q, lq, diag, stale
-
-    def body(carry):
-      i, _, lq, _, _ = carry
-      q_next, _ = jnp.linalg.qr(lq)
-      return measured(i + 1, q_next)
-
-    def cond(carry):
-      i, *_, stale = carry
-      return (i < max_qr_iterations) & stale
-
-    carry = measured(jnp.ones([], jnp.int32), new_basis)
-    iterations, new_basis, _, eigenvalues, _ = lax.while_loop(cond, body, carry)
-    return new_basis, order, eigenvalues, iterations
-
-  def scheduled(matrix, basis, eigenvalues):
-    n = basis.shape[0]
-    identity = jnp.arange(n, dtype=jnp.int32)
-    if method == "eigh":
-
-      def do_refresh(diag):
-        del diag
-        w, v = _linalg.eigh_descending(matrix)
-        return v, identity, w, jnp.zeros([], jnp.int32)
-
-      if not check_staleness:
-        return do_refresh(None), jnp.ones([], bool)
-    lq = matrix @ basis
-    if method == "qr":
-
-      def do_refresh(diag):
-        return refresh_qr(matrix, lq, diag)
-
-      if not check_staleness:
-        return do_refresh(jnp.einsum("ij,ij->j", basis, lq)), jnp.ones([], bool)
-    stale, diag = _staleness(matrix, basis, lq, refresh_tolerance)
-    keep = (basis, identity, diag, jnp.zeros([], jnp.int32))
-    return lax.cond(stale, do_refresh, lambda _: keep, diag), stale
-
-  def refresh_factor(branch, matrix, basis, eigenvalues):
-    """Returns (new basis, order, eigenvalues, refreshed flag, QR iterations)."""
-    n = basis.shape[0]
-    identity = jnp.arange(n, dtype=jnp.int32)
-
-    def keep():
-      return basis, identity, eigenvalues, jnp.zeros([], bool), jnp.zeros([], jnp.int32)
-
-    def first():
-      w, v = _linalg.eigh_descending(matrix)
-      return (
-        v.astype(basis.dtype),
-        identity,
-        w.astype(basis.dtype),
-        jnp.ones([], bool),
-        jnp.zeros([], jnp.int32),
+    with _sharding.using(mesh):
+      return EigenbasisState(
+        basis=per_factor(lambda s, dt: jnp.broadcast_to(jnp.eye(s[-1], dtype=dt), s)),
+        eigenvalues=per_factor(lambda s, dt: jnp.zeros(s[:2], dt)),
+        refreshes=per_factor(lambda s, dt: jnp.zeros(s[:1], jnp.int32)),
+        qr_iterations=per_factor(lambda s, dt: jnp.zeros(s[:1], jnp.int32)),
       )
-
-    def on_schedule():
-      (q, order, w, iters), refreshed = scheduled(matrix.astype(basis.dtype), basis, eigenvalues)
-      ok = _linalg.all_finite([q, w])
-      return (
-        jnp.where(ok, q, basis).astype(basis.dtype),
-        jnp.where(ok, order, identity),
-        jnp.where(ok, w, eigenvalues).astype(basis.dtype),
-        refreshed & ok,
-        iters,
-      )
-
-    return lax.switch(branch, (keep, first, on_schedule))
-
-  def _phases(updates):
-    """Per parameter, a tuple with each factor's refresh phase (0 for all without stagger)."""
-    treedef = jax.tree.structure(updates, is_leaf=is_carrier)
-    sizes = [c.layout.factor_sizes for c in treedef.flatten_up_to(updates)]
-    phases = [[0 if n is not None else None for n in leaf] for leaf in sizes]
-    if stagger:
-      # Greedy balancing: the most expensive factor goes to the phase with the least work.
-      load = [0] * precondition_frequency
-      factors = [(n, i, k) for i, leaf in enumerate(sizes) for k, n in enumerate(leaf) if n]
-      for n, i, k in sorted(factors, key=lambda f: -f[0]):
-        phase = min(range(precondition_frequency), key=load.__getitem__)
-        phases[i][k] = phase
-        load[phase] += n**3
-    return treedef.unflatten([tuple(p) for p in phases])
 
   def update_fn(updates, state, params=None):
     del params
     expect_carriers(updates, "eigenbasis_refresh", "stats", "kronecker_stats")
-
-    def update_leaf(carrier, basis, eigenvalues, refreshes, qr_iterations, phases):
-      check_layout(carrier, layout, "eigenbasis_refresh")
-      count = carrier.count
-
-      def branch(phase):
-        scheduled = count % precondition_frequency == phase
-        branch = jnp.where(count == 0, _FIRST, jnp.where(scheduled, _SCHEDULED, _KEEP))
-        return jnp.where(carrier.finite, branch, _KEEP)
-
-      branches = [None if phase is None else branch(phase) for phase in phases]
-      results = [
-        None if q is None else refresh_factor(b, s, q, w)
-        for s, q, w, b in zip(carrier.stats, basis, eigenvalues, branches, strict=True)
-      ]
-      pick = lambda i: tuple(None if r is None else r[i] for r in results)  # noqa: E731
-      new_basis, order, new_eigenvalues, refreshed, iters = (pick(i) for i in range(5))
-      new_refreshes = tuple(
-        None if c is None else c + r.astype(jnp.int32)
-        for c, r in zip(refreshes, refreshed, strict=True)
-      )
-      new_iters = tuple(
-        None if c is None else jnp.where(b == _KEEP, c, i)
-        for c, i, b in zip(qr_iterations, iters, branches, strict=True)
-      )
-      carrier = carrier.replace(
-        basis=basis,
-        next_basis=new_basis,
-        order=order,
-        eigenvalues=eigenvalues,
-        refreshed=refreshed,
-      )
-      return carrier, new_basis, new_eigenvalues, new_refreshes, new_iters
-
-    # Full float32 products on accelerators too: the refresh's power steps and staleness test
-    # decide the basis, and TF32/bf16 passes would blur small eigenvalues.
-    phases = _phases(updates)
-    with jax.default_matmul_precision("float32"):
-      carriers, *new_state = per_parameter(update_leaf, 5, updates, *state, phases)
-    return carriers, EigenbasisState(*new_state)
+    mesh = _sharding.find_mesh(updates)
+    named = named_leaves(updates, is_leaf=is_carrier)
+    for _, carrier in named:
+      check_layout(carrier, rule, "eigenbasis_refresh")
+    units = [
+      _Unit(factor_key(c.name, axis), c, axis)
+      for _, c in named
+      for axis, n in enumerate(c.layout.factor_sizes)
+      if n is not None
+    ]
+    if not units:  # nothing factored: the records get empty per-axis fields
+      carriers = [_fill(carrier, {}) for _, carrier in named]
+      return jax.tree.structure(updates, is_leaf=is_carrier).unflatten(carriers), state
+    phases = _phases(units, config)
+    results = {}
+    with _sharding.using(mesh), jax.default_matmul_precision("float32"):
+      # Full float32 products on accelerators too: the power steps and the staleness test decide
+      # the basis, and TF32/bf16 passes would blur small eigenvalues.
+      for (_, _, phase), members in _group(units, phases).items():
+        group = [units[i] for i in members]
+        results.update(_refresh_group(group, phase, state, config, mesh))
+    return _assemble(updates, named, units, results, state)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _refresh_group(group: Sequence[_Unit], phase: int, state, config, mesh) -> dict:
+  """One runtime branch for a stack of factors: keep them, first basis, or scheduled refresh."""
+  count, finite = group[0].carrier.count, group[0].carrier.finite
+  cdt = group[0].carrier.grad.dtype
+  stats = [u.carrier.stats[u.axis] for u in group]
+  bases = [state.basis[u.key].astype(cdt) for u in group]
+  estimates = [state.eigenvalues[u.key].astype(cdt) for u in group]
+  iterations = [state.qr_iterations[u.key] for u in group]
+
+  def keep(stats, bases, estimates, iterations):
+    del stats
+    kept = [_kept(b, e) for b, e in zip(bases, estimates, strict=True)]
+    return [k._replace(iterations=i) for k, i in zip(kept, iterations, strict=True)]
+
+  def recompute(branch, stats, bases, estimates, iterations):
+    del iterations
+    return _decompose_stack(branch, group, stats, bases, estimates, config, mesh)
+
+  specs = [Eigenbasis(*(_sharding.spread(s, mesh) for s in _result_shapes(b.shape))) for b in bases]
+  branches = [
+    _sharding.relayout(fn, specs, mesh)
+    for fn in (keep, functools.partial(recompute, _first), functools.partial(recompute, _scheduled))
+  ]
+  on_schedule = count % config.precondition_frequency == phase
+  index = jnp.where(count == 0, _FIRST, jnp.where(on_schedule, _SCHEDULED, _KEEP))
+  out = lax.switch(jnp.where(finite, index, _KEEP), branches, stats, bases, estimates, iterations)
+  return {u.key: r for u, r in zip(group, out, strict=True)}
+
+
+def _assemble(updates, named, units, results, state):
+  """The new state, and each record with this step's bases and the refreshed ones."""
+  fields = [dict(_as_dict(f)) for f in state]
+  basis, eigenvalues, refreshes, iterations = fields
+  per_carrier: dict[str, dict] = {}
+  for unit in units:
+    r, old = results[unit.key], state.basis[unit.key]
+    basis[unit.key] = r.basis.astype(old.dtype)
+    eigenvalues[unit.key] = r.eigenvalues.astype(state.eigenvalues[unit.key].dtype)
+    refreshes[unit.key] = state.refreshes[unit.key] + r.refreshed.astype(jnp.int32)
+    iterations[unit.key] = r.iterations
+    cdt = unit.carrier.grad.dtype
+    # The moments move into the basis the next step will read: the stored one.
+    per_carrier.setdefault(unit.carrier.name, {})[unit.axis] = (
+      old.astype(cdt),
+      basis[unit.key].astype(cdt),
+      r.order,
+      state.eigenvalues[unit.key].astype(cdt),
+      r.refreshed,
+    )
+  carriers = [_fill(carrier, per_carrier.get(name, {})) for name, carrier in named]
+  new_updates = jax.tree.structure(updates, is_leaf=is_carrier).unflatten(carriers)
+  return new_updates, EigenbasisState(basis, eigenvalues, refreshes, iterations)
+
+
+def _fill(carrier: KroneckerUpdate, axes: dict) -> KroneckerUpdate:
+  """``carrier`` with its per-axis basis fields from ``{axis: (basis, next, order, λ, flag)}``."""
+  rank = len(carrier.layout.working_shape)
+  per_axis = [tuple(axes[a][i] if a in axes else None for a in range(rank)) for i in range(5)]
+  names = ("basis", "next_basis", "order", "eigenvalues", "refreshed")
+  return carrier.replace(**dict(zip(names, per_axis, strict=True)))
+
+
+def _result_shapes(basis_shape):
+  blocks, n = basis_shape[0], basis_shape[-1]
+  return (blocks, n, n), (blocks, n), (blocks, n), (blocks,), (blocks,)
+
+
+def _as_dict(field):
+  return field if isinstance(field, dict) else dict(field)

@@ -1,9 +1,17 @@
-"""How a parameter's axes map onto Kronecker factors.
+"""How a parameter's axes map onto blocks and Kronecker factors.
 
-Every block asks the same question of a parameter — which axes carry a factor, after which
-reshape — and must get the same answer. That answer depends only on the parameter's shape and
-on three settings, so it is computed here, statically, in plain Python: no arrays, nothing
-traced, nothing that could differ between blocks.
+Every block of a composition asks the same question of a parameter — after which reshape, cut
+into which blocks, which axes carry a factor — and must get the same answer. That answer depends
+only on the parameter's shape and on four settings, so it is decided here, statically, in plain
+Python: nothing traced, nothing that could differ between blocks. :func:`to_blocks` and
+:func:`from_blocks` are the only array code: they move a parameter-shaped array to the layout
+every block computes in and back.
+
+The working layout of a parameter is ``(num_blocks, *block_shape)``. Without ``block_size`` it is
+the (merged) parameter with a leading axis of length one; with it, every axis longer than
+``block_size`` is cut into blocks of that length (the last one padded with zeros when the axis
+does not divide), and each block gets its own factors, as Distributed Shampoo's
+``max_preconditioner_dim`` does.
 """
 
 from __future__ import annotations
@@ -11,6 +19,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 def merge_dims(shape: Sequence[int], max_precond_dim: int) -> tuple[int, ...]:
@@ -50,13 +62,36 @@ class FactorLayout:
 
   Attributes:
     shape: the parameter's own shape.
-    working_shape: the shape every block computes in (after merging axes).
-    factored: one flag per axis of ``working_shape``: whether that axis has a factor.
+    working_shape: the shape after merging axes.
+    factored: one flag per working axis: whether that axis has a factor (in every block).
+    block_shape: the length of each working axis within one block (the working shape itself
+      when the parameter is not cut into blocks).
   """
 
   shape: tuple[int, ...]
   working_shape: tuple[int, ...]
   factored: tuple[bool, ...]
+  block_shape: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    if self.block_shape is None:
+      object.__setattr__(self, "block_shape", self.working_shape)
+
+  @property
+  def grid(self) -> tuple[int, ...]:
+    """Blocks per working axis."""
+    return tuple(
+      -(-n // b) if b else 1 for n, b in zip(self.working_shape, self.block_shape, strict=True)
+    )
+
+  @property
+  def num_blocks(self) -> int:
+    return math.prod(self.grid)
+
+  @property
+  def blocked_shape(self) -> tuple[int, ...]:
+    """The shape every block computes in: ``(num_blocks, *block_shape)``."""
+    return (self.num_blocks, *self.block_shape)
 
   @property
   def num_factors(self) -> int:
@@ -64,42 +99,120 @@ class FactorLayout:
 
   @property
   def factor_sizes(self) -> tuple[int | None, ...]:
-    """The side of each axis's factor, or None for an axis without one."""
-    return tuple(n if f else None for n, f in zip(self.working_shape, self.factored, strict=True))
+    """The side of each axis's factor (one per block), or None for an axis without one."""
+    return tuple(b if f else None for b, f in zip(self.block_shape, self.factored, strict=True))
+
+  @property
+  def padded(self) -> bool:
+    """Whether some block reaches past the end of its axis (ragged blocks, zero-padded)."""
+    return any(
+      g * b != n for g, b, n in zip(self.grid, self.block_shape, self.working_shape, strict=True)
+    )
+
+  def padding(self, axis: int) -> np.ndarray | None:
+    """``(num_blocks, block_shape[axis])`` bools, True on the zero padding of ragged blocks.
+
+    None when that axis has no padding. Padding coordinates carry zero gradient; the refresh
+    keeps them out of the real eigenbasis (see ``_eigenbasis``).
+    """
+    n, b, g = self.working_shape[axis], self.block_shape[axis], self.grid[axis]
+    if g * b == n:
+      return None
+    positions = np.arange(g)[:, None] * b + np.arange(b)[None, :]  # (grid[axis], b)
+    block_index = np.indices(self.grid)[axis].reshape(-1)  # each block's index along `axis`
+    return positions[block_index] >= n
+
+  def real_counts(self) -> np.ndarray:
+    """Per block, how many of its entries belong to the parameter (the rest is padding)."""
+    counts = np.ones(self.grid, np.int64)
+    for axis, (n, b, g) in enumerate(
+      zip(self.working_shape, self.block_shape, self.grid, strict=True)
+    ):
+      lengths = np.minimum(b, n - np.arange(g) * b)
+      shape = [1] * len(self.grid)
+      shape[axis] = g
+      counts = counts * lengths.reshape(shape)
+    return counts.reshape(-1)
+
+
+def to_blocks(x: jax.Array, layout: FactorLayout) -> jax.Array:
+  """A parameter-shaped array in the working layout ``(num_blocks, *block_shape)``."""
+  x = x.reshape(layout.working_shape)
+  if layout.num_blocks == 1 and not layout.padded:
+    return x[None]
+  sizes = zip(layout.working_shape, layout.block_shape, layout.grid, strict=True)
+  pads = [(0, g * b - n) for n, b, g in sizes]
+  if layout.padded:
+    x = jnp.pad(x, pads)
+  rank = len(layout.grid)
+  x = x.reshape([d for g, b in zip(layout.grid, layout.block_shape, strict=True) for d in (g, b)])
+  x = x.transpose([2 * i for i in range(rank)] + [2 * i + 1 for i in range(rank)])
+  return x.reshape(layout.blocked_shape)
+
+
+def from_blocks(x: jax.Array, layout: FactorLayout) -> jax.Array:
+  """The inverse of :func:`to_blocks`: back to the parameter's shape (padding dropped)."""
+  if layout.num_blocks == 1 and not layout.padded:
+    return x.reshape(layout.shape)
+  rank = len(layout.grid)
+  x = x.reshape(*layout.grid, *layout.block_shape)
+  x = x.transpose([j for i in range(rank) for j in (i, rank + i)])
+  x = x.reshape([g * b for g, b in zip(layout.grid, layout.block_shape, strict=True)])
+  if layout.padded:
+    x = x[tuple(slice(0, n) for n in layout.working_shape)]
+  return x.reshape(layout.shape)
+
+
+def _static_int(name: str, value, *, allow_none: bool = False):
+  """``value`` as a Python int, or a ValueError saying that it decides array shapes."""
+  if value is None and allow_none:
+    return None
+  if isinstance(value, bool) or not isinstance(value, int):
+    try:
+      return int(value)  # A NumPy or concrete JAX integer.
+    except Exception as e:  # A tracer: shapes cannot depend on it.
+      raise ValueError(
+        f"{name} must be a static Python int (it decides array shapes); with "
+        f"optax.inject_hyperparams, list it in static_args."
+      ) from e
+  return value
 
 
 @dataclasses.dataclass(frozen=True)
 class LayoutRule:
-  """Decides, from a shape alone, which axes of a parameter get a Kronecker factor.
+  """Decides, from a shape alone, how a parameter is blocked and which axes get a factor.
 
   One rule is shared by every block of a composition (the aliases build one and hand it to each
   block), which is what guarantees that the statistics, the bases and the rotated moments agree.
 
   Attributes:
-    max_precond_dim: axes longer than this get no factor (they stay unrotated, while the other
-      axes of the same parameter are still rotated). ``0`` rotates nothing.
+    max_precond_dim: axes (of a block) longer than this get no factor: they stay unrotated,
+      while the other axes of the same parameter are still rotated. ``0`` rotates nothing.
     merge_dims: merge consecutive axes greedily while their product stays at most
       ``max_precond_dim`` (see :func:`merge_dims`).
     precondition_1d: give 1-D parameters (biases, norm scales) a factor too, when their length
-      is at most ``max_precond_dim``. 0-D parameters never get one.
+      (block length) is at most ``max_precond_dim``. 0-D parameters never get one.
+    block_size: cut every working axis longer than this into blocks of this length, each with
+      its own factors (Distributed Shampoo's ``max_preconditioner_dim``; the last block of an
+      axis that does not divide is zero-padded). ``None`` (the default, the SOAP reference's
+      behaviour) never cuts.
   """
 
   max_precond_dim: int = 10000
   merge_dims: bool = False
   precondition_1d: bool = False
+  block_size: int | None = None
 
   def __post_init__(self):
-    if isinstance(self.max_precond_dim, bool) or not isinstance(self.max_precond_dim, int):
-      try:
-        value = int(self.max_precond_dim)  # A NumPy or concrete JAX integer.
-      except Exception as e:  # A tracer: shapes cannot depend on it.
-        raise ValueError(
-          "max_precond_dim must be a static Python int (it decides array shapes); with "
-          "optax.inject_hyperparams, list it in static_args."
-        ) from e
-      object.__setattr__(self, "max_precond_dim", value)
+    object.__setattr__(
+      self, "max_precond_dim", _static_int("max_precond_dim", self.max_precond_dim)
+    )
     if self.max_precond_dim < 0:
       raise ValueError(f"max_precond_dim must be >= 0, got {self.max_precond_dim}.")
+    block_size = _static_int("block_size", self.block_size, allow_none=True)
+    object.__setattr__(self, "block_size", block_size)
+    if block_size is not None and block_size < 1:
+      raise ValueError(f"block_size must be None or an int >= 1, got {block_size}.")
 
   def layout(self, shape: Sequence[int]) -> FactorLayout:
     """Returns the :class:`FactorLayout` of a parameter of this shape."""
@@ -108,8 +221,13 @@ class LayoutRule:
       return FactorLayout(shape, shape, ())
     if len(shape) == 1:
       # The reference never merges or factors vectors unless asked to.
-      factored = self.precondition_1d and shape[0] <= self.max_precond_dim
-      return FactorLayout(shape, shape, (factored,))
-    working = merge_dims(shape, self.max_precond_dim) if self.merge_dims else shape
-    assert math.prod(working) == math.prod(shape)
-    return FactorLayout(shape, working, tuple(n <= self.max_precond_dim for n in working))
+      working, may_factor = shape, self.precondition_1d
+    else:
+      working = merge_dims(shape, self.max_precond_dim) if self.merge_dims else shape
+      may_factor = True
+    if self.block_size is None:
+      block = working
+    else:
+      block = tuple(min(n, self.block_size) for n in working)
+    factored = tuple(may_factor and 0 < b <= self.max_precond_dim for b in block)
+    return FactorLayout(shape, working, factored, block)

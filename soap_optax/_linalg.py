@@ -1,12 +1,16 @@
 """Numerical kernels on plain arrays: mode products, factor statistics, eigenbases.
 
-Nothing here knows about optax or pytrees; every function takes and returns arrays, so each can
-be checked against NumPy on its own.
+Nothing here knows about optax, pytrees or meshes; every function takes and returns arrays, so
+each can be checked against NumPy on its own. Tensors are in the working layout
+``(num_blocks, d_0, …, d_{r-1})`` and factors are stacks ``(num_blocks, n, n)``: block ``b`` of
+the tensor is rotated by factor ``b``. The decompositions work on one symmetric matrix; callers
+``vmap`` or ``lax.map`` them over stacks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,64 +20,203 @@ Array = jax.Array
 
 # The matmuls that rotate gradients and build statistics decide the optimizer's numerics. On
 # accelerators JAX's default float32 matmul may drop to bf16/TF32 passes, so ask for full
-# precision unless a caller opts out.
+# precision.
 HIGHEST = lax.Precision.HIGHEST
 
 
-def mode_product(
-  x: Array, mats: Sequence[Array | None], *, transpose: bool, precision=HIGHEST
-) -> Array:
-  """Multiplies every axis ``k`` of ``x`` by ``mats[k]`` (or its transpose).
+def mode_product(x: Array, mats: Sequence[Array | None], *, transpose: bool) -> Array:
+  """Multiplies axis ``k`` of every block of ``x`` by that block's ``mats[k]`` (or transpose).
 
   With ``transpose=True`` this rotates *into* the bases (``x ×_k Q_kᵀ``, the reference's
   ``project``); with ``transpose=False`` it rotates back out (``x ×_k Q_k``). Axes whose entry is
   ``None`` are left as they are.
   """
+  if x.shape[0] == 1:
+    # One block: plain tensordots, the layout measured fastest on CPU for the unblocked case.
+    return _mode_product_single(x[0], [None if m is None else m[0] for m in mats], transpose)[None]
   for axis, mat in enumerate(mats):
     if mat is None:
       continue
-    # contract x's axis with the row index of Q (into the basis) or the column index (out).
+    contract = 1 if transpose else 2  # Q's row index goes into the basis, its column out of it
+    dims = (((axis + 1,), (contract,)), ((0,), (0,)))
+    y = lax.dot_general(x, mat.astype(x.dtype), dims, precision=HIGHEST)
+    x = jnp.moveaxis(y, -1, axis + 1)
+  return x
+
+
+def _mode_product_single(x: Array, mats, transpose: bool) -> Array:
+  for axis, mat in enumerate(mats):
+    if mat is None:
+      continue
     contract = 0 if transpose else 1
-    y = jnp.tensordot(x, mat.astype(x.dtype), axes=((axis,), (contract,)), precision=precision)
+    y = jnp.tensordot(x, mat.astype(x.dtype), axes=((axis,), (contract,)), precision=HIGHEST)
     x = jnp.moveaxis(y, -1, axis)
   return x
 
 
-def factor_statistic(x: Array, axis: int, *, precision=HIGHEST) -> Array:
-  """``X_(k) X_(k)ᵀ``: ``x`` contracted with itself over every axis but ``axis``."""
-  others = tuple(i for i in range(x.ndim) if i != axis)
-  return jnp.tensordot(x, x, axes=(others, others), precision=precision)
+def factor_statistic(x: Array, axis: int) -> Array:
+  """``X_(k) X_(k)ᵀ`` per block: each block contracted with itself over every axis but ``axis``.
+
+  ``axis`` counts the block's own axes (0 is the first axis after the block index).
+  """
+  others = tuple(i for i in range(1, x.ndim) if i != axis + 1)
+  if x.shape[0] == 1:
+    single = tuple(i - 1 for i in others)
+    return jnp.tensordot(x[0], x[0], axes=(single, single), precision=HIGHEST)[None]
+  dims = ((others, others), ((0,), (0,)))
+  return lax.dot_general(x, x, dims, precision=HIGHEST)
+
+
+def all_finite(arrays: Sequence[Array]) -> Array:
+  """A scalar bool: every entry of every array is finite (True for no arrays)."""
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(a)) for a in arrays], dtype=bool))
+
+
+# -- one factor's eigenbasis ------------------------------------------------------------------
+
+
+class Eigenbasis(NamedTuple):
+  """A factor's basis after a decomposition or refresh.
+
+  Attributes:
+    basis: orthonormal columns ``Q`` (n × n).
+    order: the permutation applied to the previous basis's columns (int32; the identity when the
+      basis was recomputed from scratch or kept).
+    eigenvalues: estimates of ``L``'s eigenvalues along ``basis``'s columns.
+    refreshed: whether ``basis`` differs from the previous one.
+    iterations: QR iterations spent (0 for ``eigh`` or a kept basis).
+  """
+
+  basis: Array
+  order: Array
+  eigenvalues: Array
+  refreshed: Array
+  iterations: Array
 
 
 def eigh_descending(matrix: Array) -> tuple[Array, Array]:
-  """Eigenvalues (descending) and orthonormal eigenvectors of a symmetric matrix.
+  """Eigenvalues (descending) and orthonormal eigenvectors of symmetric matrices ``(…, n, n)``.
 
-  ``eigh`` does not raise in JAX: a failure shows up as non-finite output. Then the matrix is
+  ``eigh`` does not raise in JAX: a failure shows up as non-finite output. Then the matrices are
   retried with a small diagonal shift (which leaves eigenvectors unchanged and lifts exact
-  degeneracies that some solvers trip over); if that fails too, the identity is returned, so a
-  caller always receives a finite, orthonormal basis.
+  degeneracies that some solvers trip over), and where that fails too the identity is returned,
+  so a caller always receives finite, orthonormal bases. The retry is one runtime branch for the
+  whole batch: it costs nothing while every decomposition succeeds.
   """
   n = matrix.shape[-1]
   eye = jnp.eye(n, dtype=matrix.dtype)
 
   def solve(m):
     w, v = jnp.linalg.eigh(m, symmetrize_input=True)
-    return w[::-1], v[:, ::-1]
+    return w[..., ::-1], v[..., ::-1]
 
-  def is_finite(w, v):
-    return jnp.all(jnp.isfinite(w)) & jnp.all(jnp.isfinite(v))
+  def finite(w, v):
+    return jnp.all(jnp.isfinite(w), axis=-1) & jnp.all(jnp.isfinite(v), axis=(-2, -1))
 
-  def retry():
-    scale = jnp.nan_to_num(jnp.trace(matrix) / n, nan=1.0, posinf=1.0, neginf=1.0)
-    shifted = jnp.nan_to_num(matrix) + (jnp.abs(scale) * 1e-6 + 1e-30) * eye
-    w, v = solve(shifted)
-    ok = is_finite(w, v)
-    return jnp.where(ok, w, jnp.zeros((n,), matrix.dtype)), jnp.where(ok, v, eye)
+  def retry(w, v):
+    ok = finite(w, v)
+    trace = jnp.trace(matrix, axis1=-2, axis2=-1) / n
+    scale = jnp.nan_to_num(trace, nan=1.0, posinf=1.0, neginf=1.0)
+    shift = (jnp.abs(scale) * 1e-6 + 1e-30)[..., None, None] * eye
+    w2, v2 = solve(jnp.nan_to_num(matrix) + shift)
+    ok2 = finite(w2, v2)
+    w = jnp.where(ok[..., None], w, jnp.where(ok2[..., None], w2, 0))
+    v = jnp.where(ok[..., None, None], v, jnp.where(ok2[..., None, None], v2, eye))
+    return w, v
 
   w, v = solve(matrix)
-  return lax.cond(is_finite(w, v), lambda: (w, v), retry)
+  return lax.cond(jnp.all(finite(w, v)), lambda w, v: (w, v), retry, w, v)
 
 
-def all_finite(arrays: Sequence[Array]) -> Array:
-  """A scalar bool: every entry of every array is finite (True for no arrays)."""
-  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(a)) for a in arrays], dtype=bool))
+def eigh_basis(matrix: Array) -> Eigenbasis:
+  """The exact eigenbases of ``(…, n, n)`` matrices, eigenvalues descending."""
+  w, v = eigh_descending(matrix)
+  batch, n = matrix.shape[:-2], matrix.shape[-1]
+  order = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (*batch, n))
+  return Eigenbasis(v, order, w, jnp.ones(batch, bool), jnp.zeros(batch, jnp.int32))
+
+
+def diagonal_estimates(basis: Array, product: Array) -> Array:
+  """``diag(Qᵀ L Q)`` from ``Q`` and ``L Q``: the eigenvalue estimates along ``Q``'s columns."""
+  return jnp.einsum("...ij,...ij->...j", basis, product)
+
+
+def off_diagonal_ratio(matrix: Array, basis: Array) -> Array:
+  """``‖B − diag(B)‖_F / ‖B‖_F`` with ``B = QᵀLQ``: how far ``Q`` is from diagonalising ``L``."""
+  b = jnp.swapaxes(basis, -1, -2) @ (matrix @ basis)
+  diag = jnp.diagonal(b, axis1=-2, axis2=-1)
+  total = jnp.sum(jnp.square(b), axis=(-2, -1))
+  off = jnp.sqrt(jnp.maximum(total - jnp.sum(jnp.square(diag), axis=-1), 0))
+  return off / jnp.maximum(jnp.sqrt(total), jnp.finfo(b.dtype).tiny)
+
+
+def is_stale(matrix: Array, estimates: Array, tolerance, padding: Array | float = 0.0) -> Array:
+  """Purifying Shampoo's test ``‖B − diag B‖_F > τ‖B‖_F`` for ``B = QᵀLQ``.
+
+  ``Q`` is orthonormal, so ``‖B‖_F = ‖L‖_F`` and ``‖B − diag B‖²_F = ‖L‖²_F − ‖diag B‖²``: the
+  test needs only ``diag(B)`` (``estimates``, from ``LQ``, which the power step reuses), not the
+  second product ``Qᵀ(LQ)``. The subtraction loses accuracy only for τ near float precision,
+  where every basis then counts as stale — the safe side. ``padding`` is the number of
+  zero-padded coordinates, whose −1 sentinels (see :func:`sentinel_padding`) sit on ``B``'s
+  diagonal and must not count towards ``‖B‖``.
+  """
+  total = jnp.sum(jnp.square(matrix), axis=(-2, -1))
+  off = jnp.maximum(total - jnp.sum(jnp.square(estimates), axis=-1), 0)
+  return off > jnp.square(tolerance) * (total - padding)
+
+
+def sorted_power_step(product: Array, estimates: Array) -> tuple[Array, Array]:
+  """SOAP's refresh: order the old basis by its estimates, one power step ``L Q``, then QR.
+
+  Takes ``L Q`` (already computed for the estimates) and returns the new basis and the order.
+  Sorting keeps the columns of large eigenvalues first, as ``eigh``'s first basis has them, so
+  the diagonal statistics held in the basis can follow with the same permutation.
+  """
+  order = jnp.argsort(-estimates, axis=-1, stable=True).astype(jnp.int32)
+  basis, _ = jnp.linalg.qr(jnp.take_along_axis(product, order[..., None, :], axis=-1))
+  return basis, order
+
+
+def warm_qr_iterations(
+  matrix: Array, basis: Array, tolerance, max_iterations, padding=0.0
+) -> tuple[Array, Array, Array]:
+  """Further power steps + QR from ``basis`` while it is stale, up to ``max_iterations`` in all.
+
+  ``basis`` counts as the first iteration. Works on ``(…, n, n)`` stacks, each matrix stopping
+  on its own. Returns the bases, their eigenvalue estimates and the numbers of QR iterations.
+  """
+
+  def measure(q):
+    product = matrix @ q
+    estimates = diagonal_estimates(q, product)
+    return product, estimates, is_stale(matrix, estimates, tolerance, padding)
+
+  def going(i, stale):
+    return (i < max_iterations) & stale
+
+  def body(carry):
+    i, q, product, estimates, stale = carry
+    go = going(i, stale)
+    q = jnp.where(go[..., None, None], jnp.linalg.qr(product)[0], q)
+    product, new_estimates, new_stale = measure(q)
+    estimates = jnp.where(go[..., None], new_estimates, estimates)
+    return i + go.astype(jnp.int32), q, product, estimates, jnp.where(go, new_stale, stale)
+
+  first = (jnp.ones(basis.shape[:-2], jnp.int32), basis, *measure(basis))
+  iterations, basis, _, estimates, _ = lax.while_loop(
+    lambda carry: jnp.any(going(carry[0], carry[-1])), body, first
+  )
+  return basis, estimates, iterations
+
+
+def sentinel_padding(matrix: Array, padding: Array) -> Array:
+  """``L − diag(padding)`` for ``(…, n, n)`` statistics and ``(…, n)`` 0/1 padding flags.
+
+  Gives the zero padding of a ragged block the eigenvalue −1. The statistics of a padded block
+  are zero on the padding, and zero may also be an eigenvalue of the real part; a decomposition
+  could then mix the two. With −1 on the padding's diagonal (below every eigenvalue of the real,
+  positive semi-definite part) the padding is an invariant subspace of its own, sorted last, and
+  the real block's basis is the one it would have alone.
+  """
+  eye = jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
+  return matrix - padding.astype(matrix.dtype)[..., None, :] * eye

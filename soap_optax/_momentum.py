@@ -2,52 +2,53 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import DTypeLike
 
-from soap_optax._rotated import moment_dtype_for
+from soap_optax._carrier import storage_dtype
 
-
-class EmaMomentumState(NamedTuple):
-  """State of :func:`ema_momentum`."""
-
-  count: jax.Array
-  mu: optax.Updates
+EmaMomentumState = optax.EmaState
 
 
-def ema_momentum(decay: float = 0.9, *, moment_dtype=None) -> optax.GradientTransformation:
-  """``μ ← decay·μ + (1 − decay)·u``, returning ``μ / (1 − decayᵗ)``.
+def ema_momentum(decay: float = 0.9, *, moment_dtype: DTypeLike | None = None):
+  """``optax.ema(decay, debias=True)`` whose average is float32 for low-precision updates.
 
-  ``optax.ema(decay, debias=True)`` with two differences that matter for low-precision
-  parameters: the moving average is kept in float32 by default (float64 for float64 params) and
-  the update is returned in each incoming update's dtype. Like ``optax.ema``, the count starts
-  at the first call, which in the Kronecker family is the initialising one (zero update).
+  ``optax.ema`` keeps its average in the updates' dtype (or one ``accumulator_dtype`` for the
+  whole tree); here each leaf's average is at least float32 (float64 for float64 updates, or
+  ``moment_dtype``), and each update comes back in its incoming dtype. Like ``optax.ema``, the
+  debiasing counts every call. (The family's Shampoo no longer uses it: it filters the gradient
+  before preconditioning, see :func:`~soap_optax.shampoo_precondition`.)
 
   Args:
     decay: the momentum coefficient, in ``[0, 1)``.
-    moment_dtype: dtype of ``μ``; default ``promote_types(dtype, float32)``.
+    moment_dtype: storage dtype of the average; default ``promote_types(dtype, float32)``.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An ``optax.GradientTransformation`` whose state is an ``optax.EmaState``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> tx = soap_optax.ema_momentum(0.9)
+    >>> u = {"w": jnp.ones(2, jnp.bfloat16)}
+    >>> state = tx.init(u)
+    >>> state.ema["w"].dtype, tx.update(u, state)[0]["w"].dtype
+    (dtype('float32'), dtype(bfloat16))
   """
+  inner = optax.ema(decay, debias=True)
 
   def init_fn(params):
     def zeros(p):
-      return jnp.zeros(p.shape, moment_dtype_for(p.dtype, moment_dtype))
+      return jnp.zeros_like(p, dtype=storage_dtype(p.dtype, moment_dtype))
 
-    return EmaMomentumState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params))
+    return inner.init(jax.tree.map(zeros, params))
 
   def update_fn(updates, state, params=None):
     del params
-    count = optax.safe_increment(state.count)
-    mu = jax.tree.map(lambda u, m: decay * m + (1 - decay) * u.astype(m.dtype), updates, state.mu)
-
-    def debias(m, u):
-      return (m / (1 - decay ** count.astype(m.dtype))).astype(u.dtype)
-
-    return jax.tree.map(debias, mu, updates), EmaMomentumState(count, mu)
+    widened = jax.tree.map(lambda u, m: u.astype(m.dtype), updates, state.ema)
+    averaged, state = inner.update(widened, state)
+    return jax.tree.map(lambda a, u: a.astype(u.dtype), averaged, updates), state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -1,28 +1,227 @@
 """Diagonal optimizers run in the eigenbasis of the Kronecker factors.
 
-SOAP (:func:`rotated_adam`), Adafactor in Shampoo's eigenbasis (:func:`rotated_adafactor`) and
-eigenvalue-corrected Shampoo (:func:`eigenvalue_corrected`) differ only in which moments they keep
-and in which basis; the rotations and the transfer of moments across a refresh are shared here.
+SOAP (:func:`rotated_adam`), Adafactor in Shampoo's eigenbasis (:func:`rotated_adafactor`),
+eigenvalue-corrected Shampoo (:func:`eigenvalue_corrected`) and Shampoo itself
+(:func:`~soap_optax.shampoo_precondition`) share one skeleton, :func:`eigenbasis_optimizer`:
+move the moments into the working layout, compute a direction, carry the moments into the
+refreshed basis, skip the initialising and non-finite steps, and hand back an update in the
+parameter's shape and dtype. Each optimizer is only what differs: its moments (and in which basis
+each lives) and its direction rule.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from collections.abc import Callable, Sequence
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+from jax.typing import ArrayLike, DTypeLike
 
+from soap_optax import _sharding
 from soap_optax._carrier import (
   KroneckerUpdate,
   check_layout,
   expect_carriers,
-  per_leaf,
-  per_parameter,
+  is_carrier,
+  keyed,
+  storage_dtype,
 )
-from soap_optax._layout import LayoutRule
+from soap_optax._layout import FactorLayout, LayoutRule, from_blocks, to_blocks
 from soap_optax._linalg import mode_product
+
+Array = jax.Array
+
+
+# -- the skeleton --------------------------------------------------------------------------------
+
+
+class Moment(NamedTuple):
+  """A per-parameter moment of a rotated optimizer.
+
+  Attributes:
+    name: the field of the optimizer's state that holds it.
+    basis: ``"eigen"``, a vector held in the eigenbasis (rotated exactly into a refreshed basis);
+      ``"diagonal"``, a diagonal statistic held in the eigenbasis (permuted with the refresh's
+      column order, as SOAP does with its second moment); ``"parameter"``, held in the
+      parameter basis (untouched by a refresh).
+    shape: ``None`` for a moment shaped like its parameter (stored like it, so it is sharded
+      like it); otherwise a function from the parameter's layout to the moment's shape in the
+      working layout, or to None when the parameter has no such moment (such moments are kept in
+      a flat dict keyed by parameter path).
+  """
+
+  name: str
+  basis: Literal["eigen", "diagonal", "parameter"]
+  shape: Callable[[FactorLayout], tuple[int, ...] | None] | None = None
+
+
+class Rotation(NamedTuple):
+  """Rotations into and out of one parameter's eigenbasis (the basis of this step)."""
+
+  bases: tuple
+
+  def into(self, x: Array) -> Array:
+    """``x ×_k Q_kᵀ``."""
+    return mode_product(x, self.bases, transpose=True)
+
+  def out(self, x: Array) -> Array:
+    """``x ×_k Q_k``."""
+    return mode_product(x, self.bases, transpose=False)
+
+
+# direction(carrier, moments, rotation) -> (direction, new moments), all in the working layout.
+DirectionRule = Callable[[KroneckerUpdate, dict[str, Array], Rotation], tuple[Array, dict]]
+
+
+def debias(decay: ArrayLike, count: Array) -> Array:
+  """``1 − decayᵗ`` at update ``t = count`` (the initialising call is not counted)."""
+  return 1 - decay ** jnp.maximum(count, 1).astype(jnp.result_type(decay, float))
+
+
+def carry_to_next_basis(carrier: KroneckerUpdate, moments: dict, kinds: dict) -> dict:
+  """Moves moments held in ``carrier.basis`` into ``carrier.next_basis``.
+
+  Vectors in the eigenbasis are rotated exactly, ``m ← (m ×_k Q_old) ×_k Q_newᵀ`` (two mode
+  products: forming ``Q_newᵀ Q_old`` would cost an extra ``n³`` per factor); diagonal statistics
+  cannot be rotated, so they are permuted with the refresh's column ``order``, as the SOAP
+  reference does. Runs under a ``lax.cond``: a step in which no factor was refreshed pays
+  nothing.
+  """
+  refreshed = [r for r in carrier.refreshed if r is not None]
+  moving = {k: v for k, v in moments.items() if kinds[k] != "parameter"}
+  if not refreshed or not moving:
+    return moments
+
+  def transfer(moving):
+    old, new = Rotation(carrier.basis), Rotation(carrier.next_basis)
+    out = {}
+    for name, x in moving.items():
+      if kinds[name] == "eigen":
+        out[name] = new.into(old.out(x))
+        continue
+      for axis, order in enumerate(carrier.order):
+        # An axis reduced to length 1 (Adafactor's row or column sums) needs no permutation.
+        if order is not None and x.shape[axis + 1] == order.shape[-1]:
+          index = order.reshape(order.shape[:1] + (1,) * axis + order.shape[1:])
+          index = index.reshape(index.shape + (1,) * (x.ndim - index.ndim))
+          x = jnp.take_along_axis(x, index, axis=axis + 1)
+      out[name] = x
+    return out
+
+  any_refreshed = jnp.any(jnp.concatenate([jnp.ravel(r) for r in refreshed]))
+  moved = lax.cond(any_refreshed, transfer, lambda m: m, moving)
+  return {**moments, **moved}
+
+
+def eigenbasis_optimizer(
+  block: str,
+  moments: Sequence[Moment],
+  direction: DirectionRule,
+  state_type: type,
+  *,
+  moment_dtype: DTypeLike | None = None,
+  layout: LayoutRule | None = None,
+  needs: str = "basis",
+) -> optax.GradientTransformation:
+  """The skeleton every rotated optimizer shares; returns plain updates.
+
+  Args:
+    block: the block's name, for error messages.
+    moments: the moments it keeps (their order is the order of ``state_type``'s fields).
+    direction: its rule, from this step's record, moments (working layout, compute dtype) and
+      rotation to a direction and the new moments.
+    state_type: a NamedTuple with one field per moment.
+    moment_dtype: storage dtype of the moments (default: float32, float64 for float64 params).
+    layout: the composition's rule; needed only for moments with a ``shape`` (and then checked).
+    needs: the record field that must be filled in before this block.
+
+  Returns:
+    An ``optax.GradientTransformation`` placed after :func:`~soap_optax.eigenbasis_refresh`.
+  """
+  kinds = {m.name: m.basis for m in moments}
+
+  def init_fn(params):
+    def field(moment):
+      def zeros(p):
+        return jnp.zeros_like(p, dtype=storage_dtype(p.dtype, moment_dtype))
+
+      if moment.shape is None:
+        return jax.tree.map(zeros, params)
+      mesh = _sharding.find_mesh(params)
+
+      def build(name, p):
+        shape = moment.shape(layout.layout(p.shape))
+        if shape is None:
+          return {}
+        x = jnp.zeros(shape, storage_dtype(p.dtype, moment_dtype))
+        return {name: _sharding.constrain(x, _sharding.spread(shape, mesh), mesh)}
+
+      with _sharding.using(mesh):
+        return keyed(params, build)
+
+    return state_type(*(field(m) for m in moments))
+
+  def update_fn(updates, state, params=None):
+    del params
+    expect_carriers(updates, block, needs, "eigenbasis_refresh")
+    mesh = _sharding.find_mesh(updates)
+    treedef = jax.tree.structure(updates, is_leaf=is_carrier)
+    carriers = treedef.flatten_up_to(updates)
+    shaped = [m.name for m in moments if m.shape is None]
+    columns = {name: treedef.flatten_up_to(getattr(state, name)) for name in shaped}
+    by_key = {m.name: getattr(state, m.name) for m in moments if m.shape is not None}
+
+    def update_leaf(i, carrier: KroneckerUpdate):
+      if layout is not None:
+        check_layout(carrier, layout, block)
+      stored = {name: column[i] for name, column in columns.items()}
+      stored.update({k: v[carrier.name] for k, v in by_key.items() if carrier.name in v})
+      out_specs = (carrier.spec, {k: _sharding.spec_of(v) for k, v in stored.items()})
+      step = functools.partial(
+        _step, direction=direction, kinds=kinds, param_shaped=frozenset(shaped)
+      )
+      # Every array goes in as an argument: under explicit sharding `step` runs in an automatic
+      # region, which must not close over explicitly sharded values.
+      return _sharding.relayout(step, out_specs, mesh)(carrier, stored)
+
+    with _sharding.using(mesh):
+      results = [update_leaf(i, c) for i, c in enumerate(carriers)]
+    fields = {name: treedef.unflatten([new[name] for _, new in results]) for name in shaped}
+    for name, old in by_key.items():
+      if isinstance(old, dict) or hasattr(old, "keys"):  # not the placeholder of no parameters
+        old = dict(old)
+        old.update(
+          {c.name: new[name] for c, (_, new) in zip(carriers, results, strict=True) if name in new}
+        )
+      fields[name] = old
+    new_updates = treedef.unflatten([update for update, _ in results])
+    return new_updates, state_type(*(fields[m.name] for m in moments))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _step(carrier: KroneckerUpdate, stored: dict, *, direction, kinds, param_shaped):
+  """One parameter's step: to the working layout, the rule, the moment transfer, and back."""
+  layout, cdt = carrier.layout, carrier.grad.dtype
+  shaped = {k: k in param_shaped for k in stored}
+  moments = {
+    k: to_blocks(v.astype(cdt), layout) if shaped[k] else v.astype(cdt) for k, v in stored.items()
+  }
+  step, new = direction(carrier, moments, Rotation(carrier.basis))
+  new = carry_to_next_basis(carrier, new, kinds)
+  live = carrier.live
+  back = {}
+  for k, v in new.items():
+    v = jnp.where(live, v, moments[k])
+    back[k] = (from_blocks(v, layout) if shaped[k] else v).astype(stored[k].dtype)
+  return carrier.restore(jnp.where(live, step, 0)), back
+
+
+# -- SOAP -----------------------------------------------------------------------------------------
 
 
 class RotatedAdamState(NamedTuple):
@@ -37,74 +236,11 @@ class RotatedAdamState(NamedTuple):
   nu: optax.Updates
 
 
-def moment_dtype_for(param_dtype, dtype):
-  return jnp.dtype(dtype) if dtype is not None else jnp.promote_types(param_dtype, jnp.float32)
-
-
-def into_basis(x, bases):
-  """Rotates a working-shape array into the eigenbasis: ``x ×_k Q_kᵀ``."""
-  return mode_product(x, bases, transpose=True)
-
-
-def out_of_basis(x, bases):
-  """Rotates a working-shape array out of the eigenbasis: ``x ×_k Q_k``."""
-  return mode_product(x, bases, transpose=False)
-
-
-def diagonal_scaling(per_axis, ndim: int):
-  """The outer product of per-axis vectors (``None`` = all ones), broadcastable to ``ndim``."""
-  scale = 1.0
-  for axis, vec in enumerate(per_axis):
-    if vec is not None:
-      shape = [1] * ndim
-      shape[axis] = vec.shape[0]
-      scale = scale * vec.reshape(shape)
-  return scale
-
-
-def bias_correction(count, b1, b2, dtype):
-  """Adam's step-size factor ``√(1 − b2ᵗ) / (1 − b1ᵗ)`` at update ``t = count``."""
-  t = jnp.maximum(count, 1).astype(dtype)
-  return jnp.sqrt(1 - b2**t) / (1 - b1**t)
-
-
-def is_live(carrier: KroneckerUpdate):
-  """Whether this step updates moments and returns a step.
-
-  The first call only initialises statistics and bases; a non-finite step is skipped.
-  """
-  return carrier.finite & (carrier.count > 0)
-
-
-def carry_to_next_basis(carrier: KroneckerUpdate, first_moments=(), diagonals=()):
-  """Moves moments held in ``carrier.basis`` into ``carrier.next_basis``.
-
-  First moments (vectors in the eigenbasis) are rotated exactly, ``m ← m ×_k (Q_newᵀ Q_old)``;
-  diagonal statistics (second moments, corrected eigenvalues) cannot be rotated, so they are
-  permuted with the refresh's column ``order``, as the SOAP reference does. The work is done
-  under a ``lax.cond``: a step in which no factor was refreshed pays nothing.
-  """
-  refreshed = [r for r in carrier.refreshed if r is not None]
-  if not refreshed:
-    return tuple(first_moments), tuple(diagonals)
-
-  def transfer(ms, ds):
-    # Out of the old basis and into the new one: two mode products per axis. Forming
-    # Q_newᵀ Q_old instead would cost an extra n³ per factor, more for every non-square shape.
-    ms = tuple(into_basis(out_of_basis(m, carrier.basis), carrier.next_basis) for m in ms)
-    new_ds = []
-    for d in ds:
-      for axis, order in enumerate(carrier.order):
-        # An axis reduced to length 1 (Adafactor's row or column sums) needs no permutation.
-        if order is not None and d.shape[axis] == order.shape[0]:
-          d = jnp.take(d, order, axis=axis)
-      new_ds.append(d)
-    return ms, tuple(new_ds)
-
-  any_refreshed = jnp.any(jnp.stack(refreshed))
-  return lax.cond(
-    any_refreshed, transfer, lambda ms, ds: (ms, ds), tuple(first_moments), tuple(diagonals)
-  )
+def block_rms(x: Array, layout: FactorLayout) -> Array:
+  """Each block's root mean square over its real (unpadded) entries, broadcastable to ``x``."""
+  counts = jnp.asarray(layout.real_counts(), x.dtype)
+  total = jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
+  return jnp.sqrt(total / jnp.maximum(counts, 1)).reshape((-1,) + (1,) * (x.ndim - 1))
 
 
 def rotated_adam(
@@ -114,7 +250,7 @@ def rotated_adam(
   *,
   correct_bias: bool = True,
   normalize_grads: bool = False,
-  moment_dtype=None,
+  moment_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   """Adam in the eigenbasis of the Kronecker factors: SOAP's update direction.
 
@@ -136,12 +272,32 @@ def rotated_adam(
     b2: decay of the second moment, in ``[0, 1)``.
     eps: added to ``√v``.
     correct_bias: apply Adam's bias correction ``c_t``.
-    normalize_grads: divide each parameter's direction by its root mean square (SOAP's
-      ``normalize_grads``), before the bias correction.
-    moment_dtype: dtype of the moments; float32 by default (float64 for float64 parameters).
+    normalize_grads: divide each block's direction by its root mean square (SOAP's
+      ``normalize_grads``; a block is the whole parameter unless a ``block_size`` is set),
+      before the bias correction.
+    moment_dtype: storage dtype of the moments; float32 by default (float64 for float64
+      parameters).
 
   Returns:
     An ``optax.GradientTransformation`` placed after :func:`~soap_optax.eigenbasis_refresh`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> rule = soap_optax.LayoutRule()
+    >>> tx = optax.chain(
+    ...   soap_optax.kronecker_stats(0.95, layout=rule),
+    ...   soap_optax.eigenbasis_refresh(10, layout=rule),
+    ...   soap_optax.rotated_adam(0.95, 0.95, 1e-8),
+    ... )
+    >>> params = {"w": jnp.zeros((3, 2))}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.ones((3, 2))}, state)
+    >>> updates["w"]  # the first call only initialises the statistics and bases
+    Array([[0., 0.],
+           [0., 0.],
+           [0., 0.]], dtype=float32)
 
   References:
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
@@ -150,41 +306,24 @@ def rotated_adam(
     <https://arxiv.org/abs/1412.6980>`_, 2014.
   """
 
-  def init_fn(params):
-    def zeros(p):
-      return jnp.zeros(p.shape, moment_dtype_for(p.dtype, moment_dtype))
+  def direction(carrier, moments, rotation):
+    g = rotation.into(carrier.grad)
+    mu = optax.tree.update_moment(g, moments["mu"], b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(g, moments["nu"], b2, 2)
+    step = rotation.out(mu / (jnp.sqrt(nu) + eps))
+    if normalize_grads:
+      step = step / (1e-30 + block_rms(step, carrier.layout))
+    if correct_bias:
+      step = step * (jnp.sqrt(debias(b2, carrier.count)) / debias(b1, carrier.count))
+    return step, {"mu": mu, "nu": nu}
 
-    return RotatedAdamState(jax.tree.map(zeros, params), jax.tree.map(zeros, params))
+  moments = (Moment("mu", "eigen"), Moment("nu", "diagonal"))
+  return eigenbasis_optimizer(
+    "rotated_adam", moments, direction, RotatedAdamState, moment_dtype=moment_dtype
+  )
 
-  def update_fn(updates, state, params=None):
-    del params
-    expect_carriers(updates, "rotated_adam", "basis", "eigenbasis_refresh")
 
-    def update_leaf(carrier: KroneckerUpdate, mu, nu):
-      shape = carrier.layout.working_shape
-      m = mu.reshape(shape)
-      v = nu.reshape(shape)
-      g = into_basis(carrier.grad, carrier.basis).astype(m.dtype)
-      m = b1 * m + (1 - b1) * g
-      v = b2 * v + (1 - b2) * jnp.square(g)
-      direction = out_of_basis(m / (jnp.sqrt(v) + eps), carrier.basis)
-      if normalize_grads:
-        rms = jnp.sqrt(jnp.mean(jnp.square(direction)))
-        direction = direction / (1e-30 + rms)
-      if correct_bias:
-        direction = direction * bias_correction(carrier.count, b1, b2, m.dtype)
-      (m,), (v,) = carry_to_next_basis(carrier, (m,), (v,))
-
-      live = is_live(carrier)
-      new_mu = jnp.where(live, m.reshape(mu.shape), mu)
-      new_nu = jnp.where(live, v.reshape(nu.shape), nu)
-      update = carrier.restore(jnp.where(live, direction, 0))
-      return update, new_mu, new_nu
-
-    new_updates, mu, nu = per_parameter(update_leaf, 3, updates, state.mu, state.nu)
-    return new_updates, RotatedAdamState(mu, nu)
-
-  return optax.GradientTransformation(init_fn, update_fn)
+# -- Adafactor in the eigenbasis ----------------------------------------------------------------
 
 
 class RotatedAdafactorState(NamedTuple):
@@ -192,17 +331,18 @@ class RotatedAdafactorState(NamedTuple):
 
   Attributes:
     mu: first moment in the eigenbasis, in the parameters' shapes.
-    nu: per parameter, ``(row, col)``, the moving
-      averages of the rotated squared gradient summed over the column and the row axis
-      (``keepdims``), when the working shape has two axes or more; else ``(full,)``, an
-      unfactored second moment.
+    nu_row: per parameter path, the moving average of the rotated squared gradient summed over
+      the column axis (``keepdims``, working layout), or the full unfactored second moment for
+      blocks with fewer than two axes.
+    nu_col: per parameter path, the same summed over the row axis (absent for unfactored ones).
   """
 
   mu: optax.Updates
-  nu: optax.Updates
+  nu_row: dict[str, Array]
+  nu_col: dict[str, Array]
 
 
-def factored_axes(shape) -> tuple[int, int] | None:
+def factored_axes(shape: Sequence[int]) -> tuple[int, int] | None:
   """The two largest axes (row, column), as Adafactor factors them; None below two axes."""
   if len(shape) < 2:
     return None
@@ -210,18 +350,14 @@ def factored_axes(shape) -> tuple[int, int] | None:
   return ranked[-2], ranked[-1]
 
 
-def _adafactor_second_moment(g2, nu, b2, axes):
-  """Updates Adafactor's (row, col) or (full,) averages with ``g2`` and returns ``V``."""
+def _reduced_shape(layout: FactorLayout, keep: int) -> tuple[int, ...] | None:
+  """Adafactor's row (``keep=0``) or column (``keep=1``) sums' shape, or the full shape."""
+  axes = factored_axes(layout.block_shape)
   if axes is None:
-    (full,) = nu
-    full = b2 * full + (1 - b2) * g2
-    return (full,), full
-  row_axis, col_axis = axes
-  row, col = nu
-  row = b2 * row + (1 - b2) * jnp.sum(g2, axis=col_axis, keepdims=True)
-  col = b2 * col + (1 - b2) * jnp.sum(g2, axis=row_axis, keepdims=True)
-  v = row * col / jnp.sum(row, axis=row_axis, keepdims=True)
-  return (row, col), v
+    return layout.blocked_shape if keep == 0 else None
+  shape = list(layout.blocked_shape)
+  shape[1 + axes[1 - keep]] = 1
+  return tuple(shape)
 
 
 def rotated_adafactor(
@@ -232,7 +368,7 @@ def rotated_adafactor(
   layout: LayoutRule | None = None,
   eps2: float = 1e-30,
   correct_bias: bool = True,
-  moment_dtype=None,
+  moment_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Adafactor in the eigenbasis of the Kronecker factors.
 
@@ -240,24 +376,38 @@ def rotated_adafactor(
   Shampoo's preconditioner. This block is that optimizer, with SOAP's conventions: the rotated
   gradient ``G'`` feeds a first moment ``m`` (in the eigenbasis) and Adafactor's factored second
   moment — moving averages ``r`` and ``c`` of the row and column sums of ``G'² + eps2`` over the
-  two largest working axes, recombined as ``V = r cᵀ / Σr``. Parameters with fewer than two
-  working axes keep an unfactored ``V``, as Adafactor does. The step is
-  ``c_t · (m / (√V + eps))`` rotated back, ``c_t = √(1 − b2ᵗ) / (1 − b1ᵗ)``; there is no update
-  clipping and no parameter scaling. At a refresh ``m`` is rotated exactly and ``r``, ``c``
-  permuted with the new column order.
+  two largest axes of each block, recombined as ``V = r cᵀ / Σr``. Blocks with fewer than two
+  axes keep an unfactored ``V``, as Adafactor does. The step is ``c_t · (m / (√V + eps))``
+  rotated back, ``c_t = √(1 − b2ᵗ) / (1 − b1ᵗ)``; there is no update clipping and no parameter
+  scaling. At a refresh ``m`` is rotated exactly and ``r``, ``c`` permuted with the new column
+  order.
 
   Args:
     b1: decay of the first moment.
     b2: decay of the factored second moment.
     eps: added to ``√V``.
     layout: the :class:`~soap_optax.LayoutRule` of the composition (the factored axes are those
-      of the working shape, so the state's shapes depend on it).
+      of the working layout, so the state's shapes depend on it).
     eps2: added to ``G'²`` before the sums (Adafactor's ε₁), so that ``Σr`` is never zero.
     correct_bias: apply the bias correction ``c_t``.
-    moment_dtype: dtype of the moments (default float32, float64 for float64 params).
+    moment_dtype: storage dtype of the moments (default float32, float64 for float64 params).
 
   Returns:
     An ``optax.GradientTransformation`` placed after :func:`~soap_optax.eigenbasis_refresh`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> rule = soap_optax.LayoutRule()
+    >>> tx = optax.chain(
+    ...   soap_optax.kronecker_stats(0.95, layout=rule),
+    ...   soap_optax.eigenbasis_refresh(10, layout=rule),
+    ...   soap_optax.rotated_adafactor(0.95, 0.95, 1e-8, layout=rule),
+    ... )
+    >>> state = tx.init({"w": jnp.zeros((4, 3))})
+    >>> state[2].nu_row["w"].shape, state[2].nu_col["w"].shape  # 4 + 3 numbers, not 12
+    ((1, 4, 1), (1, 1, 3))
 
   References:
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
@@ -265,48 +415,44 @@ def rotated_adafactor(
     Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory Cost
     <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
-  layout = layout or LayoutRule()
+  rule = layout or LayoutRule()
 
-  def init_fn(params):
-    def init_nu(p):
-      dt = moment_dtype_for(p.dtype, moment_dtype)
-      shape = layout.layout(p.shape).working_shape
-      axes = factored_axes(shape)
-      if axes is None:
-        return (jnp.zeros(shape, dt),)
-      row_shape, col_shape = list(shape), list(shape)
-      row_shape[axes[1]] = 1
-      col_shape[axes[0]] = 1
-      return jnp.zeros(row_shape, dt), jnp.zeros(col_shape, dt)
+  def direction(carrier, moments, rotation):
+    g = rotation.into(carrier.grad)
+    mu = optax.tree.update_moment(g, moments["mu"], b1, 1)
+    g2 = jnp.square(g) + eps2
+    axes = factored_axes(carrier.layout.block_shape)
+    if axes is None:
+      row = optax.tree.update_moment(g2, moments["nu_row"], b2, 1)
+      new, v = {"nu_row": row}, row
+    else:
+      row_axis, col_axis = axes[0] + 1, axes[1] + 1
+      row_sums = jnp.sum(g2, axis=col_axis, keepdims=True)
+      col_sums = jnp.sum(g2, axis=row_axis, keepdims=True)
+      row = optax.tree.update_moment(row_sums, moments["nu_row"], b2, 1)
+      col = optax.tree.update_moment(col_sums, moments["nu_col"], b2, 1)
+      new, v = {"nu_row": row, "nu_col": col}, row * col / jnp.sum(row, row_axis, keepdims=True)
+    step = rotation.out(mu / (jnp.sqrt(v) + eps))
+    if correct_bias:
+      step = step * (jnp.sqrt(debias(b2, carrier.count)) / debias(b1, carrier.count))
+    return step, {"mu": mu, **new}
 
-    mu = jax.tree.map(lambda p: jnp.zeros(p.shape, moment_dtype_for(p.dtype, moment_dtype)), params)
-    return RotatedAdafactorState(mu, per_leaf(init_nu, params))
+  moments = (
+    Moment("mu", "eigen"),
+    Moment("nu_row", "diagonal", lambda lay: _reduced_shape(lay, 0)),
+    Moment("nu_col", "diagonal", lambda lay: _reduced_shape(lay, 1)),
+  )
+  return eigenbasis_optimizer(
+    "rotated_adafactor",
+    moments,
+    direction,
+    RotatedAdafactorState,
+    moment_dtype=moment_dtype,
+    layout=rule,
+  )
 
-  def update_fn(updates, state, params=None):
-    del params
-    expect_carriers(updates, "rotated_adafactor", "basis", "eigenbasis_refresh")
 
-    def update_leaf(carrier: KroneckerUpdate, mu, nu):
-      check_layout(carrier, layout, "rotated_adafactor")
-      m = mu.reshape(carrier.layout.working_shape)
-      g = into_basis(carrier.grad, carrier.basis).astype(m.dtype)
-      m = b1 * m + (1 - b1) * g
-      axes = factored_axes(carrier.layout.working_shape)
-      new_nu, v = _adafactor_second_moment(jnp.square(g) + eps2, nu, b2, axes)
-      direction = out_of_basis(m / (jnp.sqrt(v) + eps), carrier.basis)
-      if correct_bias:
-        direction = direction * bias_correction(carrier.count, b1, b2, m.dtype)
-      (m,), new_nu = carry_to_next_basis(carrier, (m,), new_nu)
-
-      live = is_live(carrier)
-      new_mu = jnp.where(live, m.reshape(mu.shape), mu)
-      new_nu = tuple(jnp.where(live, n, o) for n, o in zip(new_nu, nu, strict=True))
-      return carrier.restore(jnp.where(live, direction, 0)), new_mu, new_nu
-
-    new_updates, mu, nu = per_parameter(update_leaf, 3, updates, state.mu, state.nu)
-    return new_updates, RotatedAdafactorState(mu, nu)
-
-  return optax.GradientTransformation(init_fn, update_fn)
+# -- eigenvalue-corrected Shampoo ---------------------------------------------------------------
 
 
 class EigenvalueCorrectedState(NamedTuple):
@@ -326,7 +472,7 @@ def eigenvalue_corrected(
   b2: float = 0.95,
   eps: float = 1e-8,
   *,
-  moment_dtype=None,
+  moment_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Eigenvalue-corrected Shampoo (EShampoo): Shampoo's eigenbasis with Adam-like eigenvalues.
 
@@ -345,10 +491,25 @@ def eigenvalue_corrected(
     b1: decay of the first moment (in the parameter basis).
     b2: decay of the corrected eigenvalues.
     eps: added to ``√D̂``.
-    moment_dtype: dtype of ``M`` and ``D`` (default float32, float64 for float64 params).
+    moment_dtype: storage dtype of ``M`` and ``D`` (default float32, float64 for float64
+      params).
 
   Returns:
     An ``optax.GradientTransformation`` placed after :func:`~soap_optax.eigenbasis_refresh`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> rule = soap_optax.LayoutRule()
+    >>> tx = optax.chain(
+    ...   soap_optax.kronecker_stats(0.95, layout=rule),
+    ...   soap_optax.eigenbasis_refresh(10, layout=rule, refresh_tolerance=0.01),
+    ...   soap_optax.eigenvalue_corrected(0.9, 0.95, 1e-8),
+    ... )
+    >>> state = tx.init({"w": jnp.zeros((3, 2))})
+    >>> state[2].mu["w"].shape  # the first moment stays in the parameter's basis and shape
+    (3, 2)
 
   References:
     Eschenhagen et al., `Purifying Shampoo: Investigating Shampoo's Heuristics by Decomposing its
@@ -357,34 +518,15 @@ def eigenvalue_corrected(
     <https://arxiv.org/abs/1806.03884>`_, 2018.
   """
 
-  def init_fn(params):
-    def zeros(p):
-      return jnp.zeros(p.shape, moment_dtype_for(p.dtype, moment_dtype))
+  def direction(carrier, moments, rotation):
+    mu = optax.tree.update_moment(carrier.grad, moments["mu"], b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(rotation.into(carrier.grad), moments["nu"], b2, 2)
+    mu_hat = mu / debias(b1, carrier.count)
+    nu_hat = nu / debias(b2, carrier.count)
+    step = rotation.out(rotation.into(mu_hat) / (jnp.sqrt(nu_hat) + eps))
+    return step, {"mu": mu, "nu": nu}
 
-    return EigenvalueCorrectedState(jax.tree.map(zeros, params), jax.tree.map(zeros, params))
-
-  def update_fn(updates, state, params=None):
-    del params
-    expect_carriers(updates, "eigenvalue_corrected", "basis", "eigenbasis_refresh")
-
-    def update_leaf(carrier: KroneckerUpdate, mu, nu):
-      shape = carrier.layout.working_shape
-      m = b1 * mu.reshape(shape) + (1 - b1) * carrier.grad.astype(mu.dtype)
-      d = b2 * nu.reshape(shape) + (1 - b2) * jnp.square(
-        into_basis(carrier.grad, carrier.basis).astype(nu.dtype)
-      )
-      t = jnp.maximum(carrier.count, 1).astype(m.dtype)
-      m_hat = into_basis(m / (1 - b1**t), carrier.basis)
-      d_hat = d / (1 - b2**t)
-      direction = out_of_basis(m_hat / (jnp.sqrt(d_hat) + eps), carrier.basis)
-      _, (d,) = carry_to_next_basis(carrier, (), (d,))
-
-      live = is_live(carrier)
-      new_mu = jnp.where(live, m.reshape(mu.shape), mu)
-      new_nu = jnp.where(live, d.reshape(nu.shape), nu)
-      return carrier.restore(jnp.where(live, direction, 0)), new_mu, new_nu
-
-    new_updates, mu, nu = per_parameter(update_leaf, 3, updates, state.mu, state.nu)
-    return new_updates, EigenvalueCorrectedState(mu, nu)
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  moments = (Moment("mu", "parameter"), Moment("nu", "diagonal"))
+  return eigenbasis_optimizer(
+    "eigenvalue_corrected", moments, direction, EigenvalueCorrectedState, moment_dtype=moment_dtype
+  )

@@ -4,74 +4,74 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import DTypeLike
 
-from soap_optax._carrier import KroneckerUpdate, expect_carriers, per_leaf, per_parameter
-from soap_optax._rotated import diagonal_scaling, into_basis, moment_dtype_for, out_of_basis
-
-GRAFTING = ("none", "sgd", "rmsprop", "adam")
+from soap_optax import _grafting
+from soap_optax._grafting import Grafting
+from soap_optax._rotated import Moment, debias, eigenbasis_optimizer
 
 
 class ShampooPreconditionState(NamedTuple):
   """State of :func:`shampoo_precondition`.
 
   Attributes:
-    graft_nu: the grafted optimizer's diagonal second moment, in the parameter basis (``None``
-      per parameter when the grafting needs none).
+    mu: the filtered gradient (EMA of the gradient with ``b1``) in the parameter basis, or
+      ``optax.EmptyState()`` when ``b1`` is 0.
+    graft_nu: the grafted optimizer's second moment in the parameter basis, or
+      ``optax.EmptyState()`` when the grafting needs none.
   """
 
+  mu: optax.Updates
   graft_nu: optax.Updates
 
 
-def _root_scale(eigenvalues, exponent, eps, relative_eps):
-  # Eigenvalues of a PSD matrix computed in floating point can come out slightly negative.
-  eigenvalues = jnp.maximum(eigenvalues, 0)
-  if relative_eps:
+def _inverse_roots(carrier, exponent, eps, relative_eps):
+  """Per factored axis, ``(max(λ, 0) + ε)^(−exponent)`` per block, zero on the padding."""
+  scales = []
+  for axis, w in enumerate(carrier.eigenvalues):
+    if w is None:
+      scales.append(None)
+      continue
+    # Eigenvalues of a PSD matrix computed in floating point can come out slightly negative.
+    w = jnp.maximum(w, 0)
     # Eigenvalues below rounding level (≈ 1e-7·λ_max in float32) are noise; an absolute ε tiny
     # enough not to bias the large ones would raise that noise to the power −exponent.
-    eps = eps * jnp.max(eigenvalues)
-  return (eigenvalues + eps) ** (-exponent)
+    damping = eps * jnp.max(w, axis=-1, keepdims=True) if relative_eps else eps
+    # A factor with no statistics yet (all zero, no damping) carries no information: no step
+    # along it, rather than 0 · ∞.
+    damped = w + damping
+    scale = jnp.where(damped > 0, jnp.where(damped > 0, damped, 1) ** (-exponent), 0)
+    padding = carrier.layout.padding(axis)
+    scales.append(scale if padding is None else jnp.where(padding, 0, scale))
+  return scales
 
 
-def shampoo_direction(
-  carrier: KroneckerUpdate, exponent, eps, trace_scaling: bool, relative_eps: bool = False
-):
-  """``G ×_k Q_k diag((λ_k + ε)^(−exponent)) Q_kᵀ`` for the factored axes of one parameter.
-
-  The inverse roots are never formed: the gradient is rotated into the eigenbases, scaled
-  coordinate-wise by the outer product of the per-axis factors, and rotated back, which costs
-  two mode products per axis instead of an ``n³`` matrix product per factor.
-  """
-  scales = [
-    None if w is None else _root_scale(w, exponent, eps, relative_eps).astype(carrier.grad.dtype)
-    for w in carrier.eigenvalues
-  ]
-  rotated = into_basis(carrier.grad, carrier.basis)
-  direction = out_of_basis(rotated * diagonal_scaling(scales, rotated.ndim), carrier.basis)
-  if trace_scaling:
-    # Ĥ = ⊗_k L_k / tr(L)^(K−1) matches the scale of E[g gᵀ] (tr L_k = E‖G‖² for every k), so
-    # Ĥ^(−e) carries the scalar tr(L)^(e(K−1)); for a matrix and e = 1/2, the SOAP paper's
-    # tr(L)^(1/2).
-    factored = [w for w in carrier.eigenvalues if w is not None]
-    trace = jnp.sum(jnp.maximum(factored[0], 0))
-    direction = direction * trace ** (exponent * (len(factored) - 1))
-  return direction
+def _outer(per_axis, ndim: int):
+  """The outer product of per-axis ``(num_blocks, n)`` vectors, broadcastable to ``ndim``."""
+  scale = 1.0
+  for axis, vec in enumerate(per_axis):
+    if vec is not None:
+      shape = [vec.shape[0]] + [1] * (ndim - 1)
+      shape[axis + 1] = vec.shape[1]
+      scale = scale * vec.reshape(shape)
+  return scale
 
 
 def shampoo_precondition(
   exponent: float = 0.5,
   eps: float = 1e-6,
   *,
+  b1: float = 0.0,
   relative_eps: bool = True,
   trace_scaling: bool = False,
-  grafting: str = "adam",
+  grafting: Grafting = "adam",
   graft_b2: float = 0.999,
   graft_eps: float = 1e-8,
-  moment_dtype=None,
+  moment_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformation:
-  r"""Preconditions with Shampoo's factors: ``G ×_k (L_k + ε)^(−exponent)``, optionally grafted.
+  r"""Preconditions with Shampoo's factors: ``M̂ ×_k (L_k + ε)^(−exponent)``, optionally grafted.
 
   Uses the bases ``Q_k`` and eigenvalue estimates ``λ_k`` provided by
   :func:`~soap_optax.eigenbasis_refresh` (from its last refresh, so stale in between, like
@@ -79,32 +79,55 @@ def shampoo_precondition(
   ``Q_k diag((max(λ_k, 0) + ε_k)^(−exponent)) Q_kᵀ``: ε_k is added to each eigenvalue *before*
   the inverse root, i.e. to the factor itself (``(L_k + ε_k I)^(−exponent)``). With
   ``relative_eps`` (the default) ``ε_k = eps · max(λ_k)``, so the damping follows the scale of
-  the statistics; otherwise ``ε_k = eps``. (An absolute 1e-12, Distributed Shampoo's default for
-  float64 roots, lets float32 rounding noise in near-null directions dominate the step: on the
-  example language model it left the loss at 4.1 where ``eps=1e-6`` reached 2.5.)
-  ``exponent=0.5`` is the SOAP paper's Shampoo with power 1/2 (``Ĥ^(−1/2)`` with ``Ĥ = L ⊗ R``, i.e.
-  ``L^(−1/2) G R^(−1/2)``); ``exponent=0.25`` is the original Shampoo ``L^(−1/4) G R^(−1/4)``.
+  the statistics; otherwise ``ε_k = eps`` (Distributed Shampoo's form, whose default 1e-12 is
+  meant for float64 roots: in float32 it lets rounding noise in near-null directions dominate the
+  step, and left the example language model at loss 4.1 where ``eps=1e-6`` reached 2.5).
+  ``exponent=0.5`` is the SOAP paper's Shampoo with power 1/2 (``L^(−1/2) G R^(−1/2)``);
+  ``exponent=0.25`` is the original Shampoo ``L^(−1/4) G R^(−1/4)``. The rotation never forms an
+  inverse root: the vector is rotated into the eigenbases, scaled coordinate-wise and rotated
+  back.
 
-  Grafting (Distributed Shampoo's layer-wise learning-rate grafting) keeps Shampoo's direction
-  but takes the norm of another optimizer's step on the same gradient: ``"sgd"`` (the gradient),
-  ``"rmsprop"`` or ``"adam"`` (``G / (√ν + graft_eps)``, with ``ν`` an EMA of ``G²``; ``"adam"``
-  bias-corrects ``ν``), or ``"none"``. A parameter with no factored axis takes the grafted
-  optimizer's step itself (the gradient when grafting is ``"none"``).
+  What is preconditioned is Distributed Shampoo's filtered gradient ``M̂``: with ``b1 > 0``,
+  ``M ← b1 M + (1 − b1) G`` bias-corrected by the number of real updates (so the first real step
+  is a full step), else the gradient itself. Grafting (layer-wise learning-rate grafting) keeps
+  Shampoo's direction but takes, per block, the norm of another optimizer's step on ``M̂``:
+  ``"sgd"`` (``M̂``), ``"rmsprop"`` or ``"adam"`` (``M̂ / (√ν + graft_eps)``, ``ν`` an EMA of the
+  raw ``G²``; ``"adam"`` bias-corrects ``ν``), or ``"none"``. A parameter with no factored axis
+  takes the grafted optimizer's step itself (``M̂`` when grafting is ``"none"``).
 
   Args:
     exponent: the inverse root applied to each factor (> 0).
     eps: damping added to every eigenvalue before the root (relative, see above).
+    b1: Distributed Shampoo's gradient filtering (``betas[0]``), in ``[0, 1)``.
     relative_eps: scale ``eps`` by each factor's largest eigenvalue.
     trace_scaling: multiply by ``tr(L)^(exponent·(K−1))`` for K factored axes (the SOAP paper's
       scalar correction of Algorithm 1 that makes Shampoo-1/2 equal Adafactor in the eigenbasis).
     grafting: ``"none"``, ``"sgd"``, ``"rmsprop"`` or ``"adam"``.
     graft_b2: decay of the grafted optimizer's second moment.
     graft_eps: the grafted optimizer's epsilon.
-    moment_dtype: dtype of the grafting state (default float32, float64 for float64 params).
+    moment_dtype: storage dtype of ``M`` and ``ν`` (default float32, float64 for float64
+      params).
 
   Returns:
     An ``optax.GradientTransformation`` placed after :func:`~soap_optax.eigenbasis_refresh`;
     it returns plain update arrays in each parameter's shape and dtype.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> rule = soap_optax.LayoutRule()
+    >>> tx = optax.chain(
+    ...   soap_optax.kronecker_stats(0.999, layout=rule),
+    ...   soap_optax.eigenbasis_refresh(10, layout=rule, method="eigh"),
+    ...   soap_optax.shampoo_precondition(0.5, b1=0.9, grafting="adam"),
+    ... )
+    >>> params = {"w": jnp.zeros((3, 2))}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({"w": jnp.ones((3, 2))}, state)  # initialises
+    >>> updates, state = tx.update({"w": jnp.ones((3, 2))}, state)
+    >>> float(jnp.linalg.norm(updates["w"]))  # Adam's first step: norm √6
+    2.449...
 
   References:
     Gupta et al., `Shampoo: Preconditioned Stochastic Tensor Optimization
@@ -114,49 +137,52 @@ def shampoo_precondition(
     Shi et al., `A Distributed Data-Parallel PyTorch Implementation of the Distributed Shampoo
     Optimizer <https://arxiv.org/abs/2309.06497>`_, 2023.
   """
-  if grafting not in GRAFTING:
-    raise ValueError(f"grafting must be one of {GRAFTING}, got {grafting!r}.")
-  needs_nu = grafting in ("rmsprop", "adam")
+  _grafting.check_grafting(grafting)
+  filtered = not (isinstance(b1, (int, float)) and b1 == 0)
+  moments = []
+  if filtered:
+    moments.append(Moment("mu", "parameter"))
+  if _grafting.needs_second_moment(grafting):
+    moments.append(Moment("graft_nu", "parameter"))
 
-  def init_fn(params):
-    if not needs_nu:
-      return ShampooPreconditionState(per_leaf(lambda p: None, params))
+  def direction(carrier, moments, rotation):
+    new = {}
+    vector = carrier.grad
+    if filtered:
+      new["mu"] = optax.tree.update_moment(carrier.grad, moments["mu"], b1, 1)
+      vector = new["mu"] / debias(b1, carrier.count)
+    nu = None
+    if "graft_nu" in moments:
+      nu = new["graft_nu"] = _grafting.update_second_moment(
+        moments["graft_nu"], carrier.grad, graft_b2
+      )
+    grafted = _grafting.grafted_step(grafting, vector, nu, carrier.count, graft_b2, graft_eps)
+    if carrier.layout.num_factors == 0:
+      return (vector if grafted is None else grafted), new
+    scales = _inverse_roots(carrier, exponent, eps, relative_eps)
+    step = rotation.out(rotation.into(vector) * _outer(scales, vector.ndim))
+    if trace_scaling:
+      # Ĥ = ⊗_k L_k / tr(L)^(K−1) matches the scale of E[g gᵀ] (tr L_k = E‖G‖² for every k), so
+      # Ĥ^(−e) carries the scalar tr(L)^(e(K−1)); for a matrix and e = 1/2, the SOAP paper's
+      # tr(L)^(1/2).
+      factored = [w for w in carrier.eigenvalues if w is not None]
+      trace = jnp.sum(jnp.maximum(factored[0], 0), axis=-1)
+      power = trace ** (exponent * (len(factored) - 1))
+      step = step * power.reshape((-1,) + (1,) * (step.ndim - 1))
+    if grafted is not None:
+      step = _grafting.graft(step, grafted)
+    return step, new
 
-    def init_leaf(p):
-      return jnp.zeros(p.shape, moment_dtype_for(p.dtype, moment_dtype))
+  def state_type(*fields):
+    values = dict(zip((m.name for m in moments), fields, strict=True))
+    empty = optax.EmptyState()
+    return ShampooPreconditionState(values.get("mu", empty), values.get("graft_nu", empty))
 
-    return ShampooPreconditionState(jax.tree.map(init_leaf, params))
-
-  def update_fn(updates, state, params=None):
-    del params
-    expect_carriers(updates, "shampoo_precondition", "eigenvalues", "eigenbasis_refresh")
-
-    def update_leaf(carrier: KroneckerUpdate, nu):
-      live = carrier.finite & (carrier.count > 0)
-      g = carrier.grad
-      new_nu = nu
-      graft = None
-      if grafting == "sgd":
-        graft = g
-      elif needs_nu:
-        v = graft_b2 * nu.reshape(g.shape) + (1 - graft_b2) * jnp.square(g).astype(nu.dtype)
-        new_nu = jnp.where(live, v.reshape(nu.shape), nu)
-        if grafting == "adam":
-          t = jnp.maximum(carrier.count, 1).astype(v.dtype)
-          v = v / (1 - graft_b2**t)
-        graft = (g / (jnp.sqrt(v) + graft_eps)).astype(g.dtype)
-
-      if carrier.layout.num_factors == 0:
-        direction = g if graft is None else graft
-      else:
-        direction = shampoo_direction(carrier, exponent, eps, trace_scaling, relative_eps)
-        if graft is not None:
-          norm = jnp.linalg.norm(direction)
-          ratio = jnp.linalg.norm(graft) / jnp.where(norm > 0, norm, 1)
-          direction = jnp.where(norm > 0, direction * ratio, 0)
-      return carrier.restore(jnp.where(live, direction, 0)), new_nu
-
-    new_updates, nu = per_parameter(update_leaf, 2, updates, state.graft_nu)
-    return new_updates, ShampooPreconditionState(nu)
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  return eigenbasis_optimizer(
+    "shampoo_precondition",
+    moments,
+    direction,
+    state_type,
+    moment_dtype=moment_dtype,
+    needs="eigenvalues",
+  )

@@ -7,10 +7,18 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import DTypeLike
 
-from soap_optax import _linalg
-from soap_optax._carrier import KroneckerUpdate, per_leaf, per_parameter
-from soap_optax._layout import LayoutRule
+from soap_optax import _linalg, _sharding
+from soap_optax._carrier import (
+  KroneckerUpdate,
+  compute_dtype,
+  factor_key,
+  keyed,
+  named_leaves,
+  storage_dtype,
+)
+from soap_optax._layout import FactorLayout, LayoutRule, to_blocks
 
 
 class KroneckerStatsState(NamedTuple):
@@ -18,45 +26,81 @@ class KroneckerStatsState(NamedTuple):
 
   Attributes:
     count: number of updates made so far (skipped, non-finite steps not counted).
-    stats: per parameter, a tuple with one factor statistic per working axis (``None`` for an
-      axis without a factor).
+    stats: the factor statistics, keyed ``"<parameter path>:<working axis>"``, each of shape
+      ``(num_blocks, n, n)`` (one ``n × n`` statistic per block of the parameter).
+    skipped: number of steps skipped because a gradient held a NaN or an Inf.
   """
 
   count: jax.Array
-  stats: optax.Params
+  stats: dict[str, jax.Array]
+  skipped: jax.Array
 
 
-def _stats_dtype(param_dtype, dtype):
-  # Statistics are at least float32 (bf16 gradients would lose the small eigenvalues), and
-  # float64 when the parameters are.
-  return jnp.dtype(dtype) if dtype is not None else jnp.promote_types(param_dtype, jnp.float32)
+def factor_shapes(layout: FactorLayout) -> dict[int, tuple[int, int, int]]:
+  """``{working axis: (num_blocks, n, n)}`` for the factored axes of a parameter."""
+  return {
+    axis: (layout.num_blocks, n, n) for axis, n in enumerate(layout.factor_sizes) if n is not None
+  }
+
+
+def working_spec(layout: FactorLayout, spec, mesh):
+  """The sharding of a parameter's working-layout arrays under explicit sharding.
+
+  An unblocked, unmerged parameter keeps its own sharding behind the leading block axis, so
+  that the rotations need no more communication than the matmuls themselves; any other layout
+  is spread over the mesh like the state.
+  """
+  if mesh is None or not _sharding.is_explicit(mesh):
+    return None
+  if layout.blocked_shape == (1, *layout.shape) and spec is not None:
+    return jax.sharding.PartitionSpec(None, *spec)
+  return _sharding.spread(layout.blocked_shape, mesh)
 
 
 def kronecker_stats(
   beta: float = 0.95,
   *,
   layout: LayoutRule | None = None,
-  dtype=None,
+  dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   """Accumulates Shampoo's Kronecker factor statistics; the first block of every composition.
 
-  For each parameter and each axis ``k`` that the layout gives a factor, keeps an exponential
-  moving average (not bias-corrected, as in the SOAP reference) of ``G_(k) G_(k)ᵀ``, the
-  gradient contracted with itself over all other axes. For a matrix these are Shampoo's ``L`` and
-  ``R``.
+  For each parameter (each block of it, with a ``block_size``) and each axis ``k`` that the
+  layout gives a factor, keeps an exponential moving average (not bias-corrected, as in the SOAP
+  reference) of ``G_(k) G_(k)ᵀ``, the gradient contracted with itself over all other axes. For a
+  matrix these are Shampoo's ``L`` and ``R``.
 
   Each gradient leaf is passed on as a :class:`~soap_optax.KroneckerUpdate` that carries the
-  reshaped gradient, the updated statistics and the step count to the blocks after it. If any
-  gradient of the tree holds a NaN or an Inf, the step is marked non-finite: the statistics and
-  the count are kept, and the later blocks skip the step too.
+  gradient in the working layout, the updated statistics and the step count to the blocks after
+  it. If any gradient of the tree holds a NaN or an Inf, the step is marked non-finite: the
+  statistics and the count are kept (``skipped`` counts it), and the later blocks skip the step
+  too. On a device mesh each statistic is spread over the devices (see ``BUILD_NOTES.md``).
 
   Args:
     beta: decay of the moving average (SOAP's ``shampoo_beta``), in ``[0, 1)``.
     layout: the :class:`~soap_optax.LayoutRule` shared by all blocks of the composition.
-    dtype: dtype of the statistics; by default float32, or float64 for float64 parameters.
+    dtype: storage dtype of the statistics (e.g. ``jnp.bfloat16`` to halve their memory); the
+      arithmetic runs in float32 whatever it is (float64 for float64 parameters, the default
+      storage dtype too).
 
   Returns:
     An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> rule = soap_optax.LayoutRule()
+    >>> tx = soap_optax.kronecker_stats(0.9, layout=rule)
+    >>> grads = {"w": jnp.ones((3, 2))}
+    >>> state = tx.init(grads)
+    >>> sorted(state.stats)
+    ['w:0', 'w:1']
+    >>> records, state = tx.update(grads, state)
+    >>> state.stats["w:0"][0]  # one block: 0.1 · G Gᵀ
+    Array([[0.2, 0.2, 0.2],
+           [0.2, 0.2, 0.2],
+           [0.2, 0.2, 0.2]], dtype=float32)
 
   References:
     Gupta et al., `Shampoo: Preconditioned Stochastic Tensor Optimization
@@ -64,43 +108,70 @@ def kronecker_stats(
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
     <https://arxiv.org/abs/2409.11321>`_, 2024.
   """
-  layout = layout or LayoutRule()
+  rule = layout or LayoutRule()
 
   def init_fn(params):
-    def init_leaf(p):
-      dt = _stats_dtype(p.dtype, dtype)
-      sizes = layout.layout(p.shape).factor_sizes
-      return tuple(None if n is None else jnp.zeros((n, n), dt) for n in sizes)
+    mesh = _sharding.find_mesh(params)
 
-    return KroneckerStatsState(jnp.zeros([], jnp.int32), per_leaf(init_leaf, params))
+    def build(name, p):
+      shapes = factor_shapes(rule.layout(p.shape))
+      dt = storage_dtype(p.dtype, dtype)
+      return {
+        factor_key(name, axis): _sharding.constrain(
+          jnp.zeros(shape, dt), _sharding.spread(shape, mesh), mesh
+        )
+        for axis, shape in shapes.items()
+      }
+
+    with _sharding.using(mesh):
+      zero = jnp.zeros([], jnp.int32)
+      return KroneckerStatsState(zero, keyed(params, build), zero)
 
   def update_fn(updates, state, params=None):
     del params
+    mesh = _sharding.find_mesh(updates)
     finite = _linalg.all_finite(jax.tree.leaves(updates))
 
-    def update_leaf(g, stats):
-      lay = layout.layout(g.shape)
-      dt = _stats_dtype(g.dtype, dtype)
-      working = g.astype(dt).reshape(lay.working_shape)
-      new_stats = tuple(
-        None if s is None else jnp.where(finite, _ema(s, working, k), s)
-        for k, s in enumerate(stats)
-      )
+    def update_leaf(name, g):
+      lay = rule.layout(g.shape)
+      shapes = factor_shapes(lay)
+      keys = {axis: factor_key(name, axis) for axis in shapes}
+      cdt = compute_dtype(g.dtype)
+
+      def accumulate(g, finite, *old):
+        working = to_blocks(g.astype(cdt), lay)
+        new = []
+        for (axis, _), s in zip(keys.items(), old, strict=True):
+          ema = beta * s.astype(cdt) + (1 - beta) * _linalg.factor_statistic(working, axis)
+          new.append(jnp.where(finite, ema, s.astype(cdt)))
+        return working, new, [n.astype(s.dtype) for n, s in zip(new, old, strict=True)]
+
+      specs = [_sharding.spread(shapes[axis], mesh) for axis in keys]
+      out_specs = (working_spec(lay, _sharding.spec_of(g), mesh), specs, specs)
+      old = [state.stats[key] for key in keys.values()]
+      working, computed, stored = _sharding.relayout(accumulate, out_specs, mesh)(g, finite, *old)
+      per_axis = dict(zip(keys, computed, strict=True))
       carrier = KroneckerUpdate(
         grad=working,
         count=state.count,
         finite=finite,
-        stats=new_stats,
+        stats=tuple(per_axis.get(axis) for axis in range(len(lay.working_shape))),
         layout=lay,
         dtype=g.dtype,
+        name=name,
+        spec=_sharding.spec_of(g),
       )
-      return carrier, new_stats
+      return carrier, dict(zip(keys.values(), stored, strict=True))
 
-    def _ema(s, working, k):
-      return beta * s + (1 - beta) * _linalg.factor_statistic(working, k).astype(s.dtype)
-
-    carriers, new_stats = per_parameter(update_leaf, 2, updates, state.stats)
-    count = state.count + finite.astype(jnp.int32)
-    return carriers, KroneckerStatsState(count, new_stats)
+    with _sharding.using(mesh):
+      named = named_leaves(updates)
+      results = [update_leaf(name, g) for name, g in named]
+      carriers = jax.tree.structure(updates).unflatten([c for c, _ in results])
+      stats = dict(state.stats) if isinstance(state.stats, dict) else state.stats
+      for _, new in results:
+        stats.update(new)
+      count = state.count + finite.astype(jnp.int32)
+      skipped = state.skipped + (~finite).astype(jnp.int32)
+    return carriers, KroneckerStatsState(count, stats, skipped)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -76,6 +76,24 @@ def factor_layout(
   return work, [size <= max_precond_dim for size in work]
 
 
+def assign_phases(costs: Sequence[float], frequency: int) -> list[int]:
+  """Staggered-refresh phases: greedy least-loaded assignment of units to phases.
+
+  Units are visited by descending cost (a stable sort, so ties keep their input order); each goes
+  to the phase in ``range(frequency)`` with the smallest accumulated cost, the lowest phase index
+  on ties. Returns one phase per unit, in input order. This is the library's declared rule (DS
+  has no staggering: all of a group's factors are recomputed on the same steps).
+  """
+  frequency = int(frequency)
+  load = [0.0] * frequency
+  phases = [0] * len(costs)
+  for unit in sorted(range(len(costs)), key=lambda i: -float(costs[i])):
+    phase = min(range(frequency), key=lambda j: (load[j], j))
+    phases[unit] = phase
+    load[phase] += float(costs[unit])
+  return phases
+
+
 def _rotate(x: np.ndarray, bases: Sequence[np.ndarray | None], transpose: bool) -> np.ndarray:
   """Multiply each axis ``k`` of ``x`` by ``Q_k^T`` (transpose) or ``Q_k``; skip ``None``."""
   for axis, q in enumerate(bases):
@@ -109,6 +127,13 @@ class SoapOracle:
   ``lr`` may be a float or a schedule ``lr(count)``; ``count`` is the number of earlier calls,
   so the t-th real update (call index t >= 1) uses ``lr(t)`` for both the step and the decay.
   All parameters must be passed on every call.
+
+  ``stagger=True`` (a library extension, not in the reference): each factor (a parameter's
+  working axis) gets a phase from :func:`assign_phases` with cost ``n^3`` (``n`` = axis length),
+  units listed by sorted parameter name then ascending axis; the factor is refreshed on real
+  update ``t`` iff ``t % precondition_frequency == phase``. Phases are fixed by the parameters of
+  the first call (a parameter seen later gets phase 0). ``self.phases[name][axis]`` holds them
+  (``None`` for an axis without a factor). Without stagger every phase is 0, i.e. the reference.
   """
 
   def __init__(
@@ -125,6 +150,7 @@ class SoapOracle:
     precondition_1d: bool = False,
     normalize_grads: bool = False,
     correct_bias: bool = True,
+    stagger: bool = False,
   ):
     self.lr = lr
     self.b1 = float(b1)
@@ -140,8 +166,10 @@ class SoapOracle:
     self.precondition_1d = bool(precondition_1d)
     self.normalize_grads = bool(normalize_grads)
     self.correct_bias = bool(correct_bias)
+    self.stagger = bool(stagger)
     self.count = 0  # number of completed calls to ``step``
     self.state: dict[str, dict] = {}
+    self.phases: dict[str, list[int | None]] = {}
 
   # -- helpers -------------------------------------------------------------------------------
 
@@ -150,6 +178,21 @@ class SoapOracle:
 
   def _work_shape(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], list[bool]]:
     return factor_layout(shape, self.max_precond_dim, self.merge_dims, self.precondition_1d)
+
+  def _plan_phases(self, params: Mapping[str, np.ndarray]) -> None:
+    """Fix every factor's refresh phase (all 0 without ``stagger``)."""
+    units, costs = [], []
+    for name in sorted(params):
+      work_shape, factored = self._work_shape(np.shape(params[name]))
+      self.phases[name] = [0 if f else None for f in factored]
+      for axis, (size, f) in enumerate(zip(work_shape, factored, strict=True)):
+        if f:
+          units.append((name, axis))
+          costs.append(float(size) ** 3)
+    if self.stagger:
+      phases = assign_phases(costs, self.precondition_frequency)
+      for (name, axis), phase in zip(units, phases, strict=True):
+        self.phases[name][axis] = phase
 
   def project(self, name: str, x: np.ndarray) -> np.ndarray:
     """Parameter space -> eigenbasis (``Q_k^T`` on every factored axis)."""
@@ -187,13 +230,13 @@ class SoapOracle:
     _, vecs = np.linalg.eigh(gg + _EIGH_JITTER * np.eye(gg.shape[0]))
     return np.ascontiguousarray(vecs[:, ::-1])
 
-  def _refresh(self, st: dict) -> None:
-    """One power iteration + QR per factor; ``v`` is re-ordered along each refreshed axis."""
+  def _refresh(self, st: dict, axes: Sequence[int] | None = None) -> None:
+    """One power iteration + QR per factor in ``axes`` (default: all); ``v`` follows each order."""
     v = st["v"].reshape(st["work_shape"])
     new_q = []
     for axis, (gg, q) in enumerate(zip(st["GG"], st["Q"], strict=True)):
-      if gg is None:
-        new_q.append(None)
+      if gg is None or (axes is not None and axis not in axes):
+        new_q.append(q)
         continue
       estimate = np.diag(q.T @ gg @ q)
       order = np.argsort(-estimate, kind="stable")  # descending; ties: stable
@@ -207,8 +250,19 @@ class SoapOracle:
     st = self.state[name]
     m_param = self.project_back(name, st["m"])  # with the old bases
     self._accumulate_stats(st, g.reshape(st["work_shape"]))
-    if st["step"] % self.precondition_frequency == 0:
-      self._refresh(st)
+    t = st["step"]
+    if not self.stagger:
+      if t % self.precondition_frequency == 0:
+        self._refresh(st)
+    else:
+      phases = self.phases.get(name) or [0] * len(st["GG"])
+      due = [
+        axis
+        for axis, gg in enumerate(st["GG"])
+        if gg is not None and t % self.precondition_frequency == phases[axis]
+      ]
+      if due:
+        self._refresh(st, due)
     st["m"] = self.project(name, m_param)  # with the (possibly) new bases
 
   # -- public --------------------------------------------------------------------------------
@@ -216,6 +270,8 @@ class SoapOracle:
   def step(self, params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray]):
     """One optimizer call. Returns new params (float64); inputs are not modified."""
     lr = self._lr_at(self.count)
+    if self.count == 0:
+      self._plan_phases(params)
     out = {}
     for name, p in params.items():
       p = np.array(p, dtype=np.float64)

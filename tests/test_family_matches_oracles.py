@@ -220,20 +220,28 @@ def _sym_power(a, power):
 
 
 def _idealized_carrier(claim, g, dtype):
-  """A record as eigenbasis_refresh would send it, holding the dataset averages."""
+  """A record as eigenbasis_refresh would send it, holding the dataset averages.
+
+  Every array is in the working layout: one block, so a leading axis of length one.
+  """
   layout = LayoutRule().layout(g.shape)
+
+  def per_axis(left, right):
+    return tuple(jnp.asarray(x, dtype)[None] for x in (claim[left], claim[right]))
+
   return KroneckerUpdate(
-    grad=jnp.asarray(g, dtype),
+    grad=jnp.asarray(g, dtype)[None],
     count=jnp.asarray(5, jnp.int32),
     finite=jnp.asarray(True),
-    stats=(jnp.asarray(claim["L"], dtype), jnp.asarray(claim["R"], dtype)),
-    basis=(jnp.asarray(claim["Q_L"], dtype), jnp.asarray(claim["Q_R"], dtype)),
-    next_basis=(jnp.asarray(claim["Q_L"], dtype), jnp.asarray(claim["Q_R"], dtype)),
-    order=(jnp.arange(g.shape[0]), jnp.arange(g.shape[1])),
-    eigenvalues=(jnp.asarray(claim["lam_L"], dtype), jnp.asarray(claim["lam_R"], dtype)),
-    refreshed=(jnp.asarray(False), jnp.asarray(False)),
+    stats=per_axis("L", "R"),
+    basis=per_axis("Q_L", "Q_R"),
+    next_basis=per_axis("Q_L", "Q_R"),
+    order=(jnp.arange(g.shape[0])[None], jnp.arange(g.shape[1])[None]),
+    eigenvalues=per_axis("lam_L", "lam_R"),
+    refreshed=(jnp.zeros(1, bool), jnp.zeros(1, bool)),
     layout=layout,
     dtype=jnp.dtype(dtype),
+    name="w",
   )
 
 
@@ -252,9 +260,9 @@ def test_shampoo_half_with_trace_scaling_equals_adafactor_in_its_eigenbasis(shap
     adafactor = soap_optax.rotated_adafactor(0.0, 1.0, 0.0, eps2=0.0, correct_bias=False)
     state = adafactor.init({"w": g})
     # The factored axes are ranked by size: `row` holds the sums that keep the row axis.
-    sums = {0: jnp.asarray(claim["A"])[:, None], 1: jnp.asarray(claim["C"])[None, :]}
+    sums = {0: jnp.asarray(claim["A"])[None, :, None], 1: jnp.asarray(claim["C"])[None, None, :]}
     row_axis, col_axis = factored_axes(shape)
-    state = state._replace(nu={"w": (sums[row_axis], sums[col_axis])})
+    state = state._replace(nu_row={"w": sums[row_axis]}, nu_col={"w": sums[col_axis]})
     adafactor_step, _ = adafactor.update(carrier, state)
   np.testing.assert_allclose(shampoo_step["w"], adafactor_step["w"], rtol=1e-9)
   np.testing.assert_allclose(shampoo_step["w"], claim["shampoo"], rtol=1e-9)

@@ -4,9 +4,16 @@ import numpy as np
 import pytest
 
 try:  # works whether or not tests/ is a package
-  from tests.oracles import AdamOracle, SoapOracle, factor_layout, merge_dims, run_soap
+  from tests.oracles import (
+    AdamOracle,
+    SoapOracle,
+    assign_phases,
+    factor_layout,
+    merge_dims,
+    run_soap,
+  )
 except ModuleNotFoundError:
-  from oracles import AdamOracle, SoapOracle, factor_layout, merge_dims, run_soap
+  from oracles import AdamOracle, SoapOracle, assign_phases, factor_layout, merge_dims, run_soap
 
 SHAPES = {"s": (), "b": (5,), "w": (4, 6), "c": (3, 2, 5), "k": (2, 3, 3, 4)}
 
@@ -188,3 +195,52 @@ def test_run_soap_accepts_grad_function():
   assert len(hist) == 3
   np.testing.assert_array_equal(hist[0]["w"], 0.0)
   assert not np.allclose(hist[2]["w"], 0.0)
+
+
+# -- staggered refresh -------------------------------------------------------------------------
+
+
+def test_assign_phases_greedy_least_loaded():
+  # Descending cost; each unit to the least-loaded phase, lowest index on ties.
+  assert assign_phases([512, 216, 64, 27], 2) == [0, 1, 1, 1]
+  assert assign_phases([64, 216, 512], 3) == [2, 1, 0]
+  # Equal costs keep their order of appearance.
+  assert assign_phases([8, 8, 8, 8, 8], 2) == [0, 1, 0, 1, 0]
+  assert assign_phases([1, 5, 5, 1], 2) == [0, 0, 1, 1]
+  assert assign_phases([3, 2], 1) == [0, 0]
+  assert assign_phases([], 4) == []
+
+
+def test_soap_stagger_phases_by_hand():
+  shapes = {"b": (8,), "a": (4, 6), "big": (3, 40)}
+  params = {k: np.zeros(s) for k, s in shapes.items()}
+  # Units (sorted names, ascending axes): a0 = 64, a1 = 216, b0 = 512, big0 = 27; big1 has no
+  # factor. Descending: b0 -> 0, a1 -> 1, a0 -> 2, big0 -> 2 (load 64 < 216 < 512).
+  opt = SoapOracle(stagger=True, precondition_frequency=3, precondition_1d=True, max_precond_dim=20)
+  opt.step(params, params)
+  assert opt.phases == {"a": [2, 1], "b": [0], "big": [2, None]}
+  plain = SoapOracle(precondition_frequency=3, precondition_1d=True, max_precond_dim=20)
+  plain.step(params, params)
+  assert plain.phases == {"a": [0, 0], "b": [0], "big": [0, None]}
+
+
+def test_soap_stagger_refreshes_only_due_factors_and_carries_momentum():
+  rng = np.random.default_rng(6)
+  shapes = {"a": (4, 6), "b": (5,)}
+  freq = 3
+  opt = SoapOracle(stagger=True, precondition_frequency=freq, precondition_1d=True)
+  params = opt.step(_random_tree(rng, shapes), _random_tree(rng, shapes))
+  ema = {k: np.zeros(s) for k, s in shapes.items()}
+  for t in range(1, 9):
+    before = {k: [q.copy() for q in opt.state[k]["Q"]] for k in shapes}
+    g = _random_tree(rng, shapes)
+    params = opt.step(params, g)
+    ema = {k: 0.95 * ema[k] + 0.05 * g[k] for k in shapes}
+    for k in shapes:
+      for axis, q in enumerate(opt.state[k]["Q"]):
+        _check_orthonormal(q)
+        if t % freq == opt.phases[k][axis]:
+          assert np.max(np.abs(q - before[k][axis])) > 1e-8
+        else:
+          np.testing.assert_array_equal(q, before[k][axis])
+      np.testing.assert_allclose(opt.project_back(k, opt.state[k]["m"]), ema[k], atol=1e-12)

@@ -1,4 +1,9 @@
-"""Self-checks of the NumPy family oracles (Shampoo, eigen-Adafactor, EShampoo); no soap_optax."""
+"""Self-checks of the NumPy family oracles (Shampoo, eigen-Adafactor, EShampoo); no soap_optax.
+
+Each test states one behaviour of the oracles and checks it against a direct computation.
+"""
+
+import copy
 
 import numpy as np
 import pytest
@@ -12,6 +17,8 @@ try:  # works whether or not tests/ is a package
     adafactor_axes,
     adafactor_reference_step,
     axis_gram,
+    block_slices,
+    eigh_descending,
     family_layout,
     idealized_claim,
     mode_product,
@@ -26,6 +33,8 @@ except ModuleNotFoundError:
     adafactor_axes,
     adafactor_reference_step,
     axis_gram,
+    block_slices,
+    eigh_descending,
     family_layout,
     idealized_claim,
     mode_product,
@@ -52,8 +61,17 @@ def _check_orthonormal(q, atol=1e-12):
   np.testing.assert_allclose(q.T @ q, np.eye(q.shape[0]), atol=atol)
 
 
+def _check_finite(tree):
+  for k, v in tree.items():
+    assert np.all(np.isfinite(v)), k
+
+
 def _lr_at(lr, t):
   return lr(t) if callable(lr) else lr
+
+
+def _random_orthogonal(rng, n):
+  return np.linalg.qr(rng.normal(size=(n, n)))[0]
 
 
 # -- layout and helpers ------------------------------------------------------------------------
@@ -85,6 +103,24 @@ def test_mode_product_matrix():
   np.testing.assert_allclose(mode_product(x, [None, b]), x @ b.T, atol=1e-13)
 
 
+def test_block_slices_are_ragged_and_in_c_order():
+  def spans(index):
+    return [(s.start, s.stop) for s in index]
+
+  got = [spans(index) for index in block_slices((5, 3), 2)]
+  assert got == [
+    [(0, 2), (0, 2)],
+    [(0, 2), (2, 3)],
+    [(2, 4), (0, 2)],
+    [(2, 4), (2, 3)],
+    [(4, 5), (0, 2)],
+    [(4, 5), (2, 3)],
+  ]
+  assert [spans(i) for i in block_slices((4, 6), 4)] == [[(0, 4), (0, 4)], [(0, 4), (4, 6)]]
+  assert [spans(i) for i in block_slices((4, 6), None)] == [[(0, 4), (0, 6)]]
+  assert block_slices((), 3) == [()]
+
+
 # -- idealized claim ---------------------------------------------------------------------------
 
 
@@ -113,16 +149,24 @@ def test_idealized_claim(shape):
 
 
 @pytest.mark.parametrize("shape", [(5, 5), (3, 4, 2)])
-@pytest.mark.parametrize("exponent, trace_scaling", [(0.25, False), (0.5, True)])
-def test_shampoo_fixed_gradient_matches_direct_eigh(shape, exponent, trace_scaling):
+@pytest.mark.parametrize(
+  "exponent, trace_scaling, relative_eps",
+  [(0.25, False, True), (0.5, True, True), (0.5, False, False)],
+)
+def test_shampoo_fixed_gradient_is_inverse_root_of_statistics(
+  shape, exponent, trace_scaling, relative_eps
+):
+  """b1 = 0, no grafting, a fixed gradient: the step is L^(-e) G R^(-e) from the lagged stats."""
   rng = np.random.default_rng(1)
   g = rng.normal(size=shape)
-  beta, eps = 0.9, 1e-30
+  beta = 0.9
+  eps = 1e-30 if relative_eps else 1e-3
   opt = ShampooOracle(
     lr=1.0,
     b1=0.0,
     shampoo_beta=beta,
     eps=eps,
+    relative_eps=relative_eps,
     exponent=exponent,
     trace_scaling=trace_scaling,
     grafting="none",
@@ -133,9 +177,12 @@ def test_shampoo_fixed_gradient_matches_direct_eigh(shape, exponent, trace_scali
   np.testing.assert_array_equal(new["w"], p["w"])
   p = new
   for t in range(1, 6):
-    # The bases used at call t come from the statistics after t calls.
+    # The bases used at call t come from the statistics after t calls (basis lag).
     stats = [(1.0 - beta**t) * axis_gram(g, k) for k in range(g.ndim)]
-    want = mode_product(g, [_sym_power(s, -exponent, eps) for s in stats])
+    damping = [eps * np.linalg.eigvalsh(s).max() if relative_eps else eps for s in stats]
+    want = mode_product(
+      g, [_sym_power(s, -exponent, d) for s, d in zip(stats, damping, strict=True)]
+    )
     if trace_scaling:
       want = want * np.trace(stats[0]) ** (exponent * (g.ndim - 1))
     new = opt.step(p, {"w": g})
@@ -147,25 +194,57 @@ def test_shampoo_fixed_gradient_matches_direct_eigh(shape, exponent, trace_scali
     p = new
 
 
+def test_shampoo_bias_corrected_factors_of_a_fixed_gradient_are_its_grams():
+  """DS's factor bias correction: (L / (1 - beta^n)) = G G^T exactly for a fixed gradient."""
+  rng = np.random.default_rng(21)
+  g = rng.normal(size=(4, 4))
+  opt = ShampooOracle(
+    lr=1.0,
+    b1=0.0,
+    shampoo_beta=0.8,
+    eps=1e-30,
+    grafting="none",
+    precondition_frequency=1,
+    bias_correct_factors=True,
+  )
+  p = opt.step({"w": np.zeros((4, 4))}, {"w": g})
+  want = _sym_power(g @ g.T, -0.5) @ g @ _sym_power(g.T @ g, -0.5)
+  for _ in range(3):
+    new = opt.step(p, {"w": g})
+    np.testing.assert_allclose(p["w"] - new["w"], want, rtol=1e-6)
+    p = new
+
+
+def _inv_root(q, lam, exponent, rel_eps):
+  lam = np.maximum(lam, 0.0)
+  return (q * (lam + rel_eps * lam.max()) ** -exponent) @ q.T
+
+
+def _graft_reference(grafting, m_hat, nu, b2, t, geps):
+  if grafting == "sgd":
+    return m_hat
+  v = nu / (1 - b2**t) if grafting == "adam" else nu
+  return m_hat / (np.sqrt(v) + geps)
+
+
 @pytest.mark.parametrize("grafting", ["sgd", "rmsprop", "adam"])
 def test_shampoo_grafting_norms_and_unfactored(grafting):
+  """Grafted norm of the filtered gradient per parameter; unfactored params take the graft."""
   rng = np.random.default_rng(2)
   shapes = {"w": (4, 6), "b": (5,), "s": ()}
-  b2, geps = 0.99, 1e-8
-  opt = ShampooOracle(lr=1.0, b1=0.0, b2=b2, grafting=grafting, graft_eps=geps)
+  b1, b2, geps = 0.9, 0.99, 1e-8
+  opt = ShampooOracle(lr=1.0, b1=b1, b2=b2, grafting=grafting, graft_eps=geps)
   params = _random_tree(rng, shapes)
   params = opt.step(params, _random_tree(rng, shapes))
+  mu = {k: np.zeros(s) for k, s in shapes.items()}
   nu = {k: np.zeros(s) for k, s in shapes.items()}
   for t in range(1, 5):
     g = _random_tree(rng, shapes)
     new = opt.step(params, g)
     for k in shapes:
-      if grafting == "sgd":
-        graft = g[k]
-      else:
-        nu[k] = b2 * nu[k] + (1 - b2) * g[k] ** 2
-        v = nu[k] / (1 - b2**t) if grafting == "adam" else nu[k]
-        graft = g[k] / (np.sqrt(v) + geps)
+      mu[k] = b1 * mu[k] + (1 - b1) * g[k]
+      nu[k] = b2 * nu[k] + (1 - b2) * g[k] ** 2  # the raw gradient, as DS
+      graft = _graft_reference(grafting, mu[k] / (1 - b1**t), nu[k], b2, t, geps)
       step = params[k] - new[k]
       if k == "w":
         np.testing.assert_allclose(np.linalg.norm(step), np.linalg.norm(graft), rtol=1e-12)
@@ -174,25 +253,74 @@ def test_shampoo_grafting_norms_and_unfactored(grafting):
     params = new
 
 
-def test_shampoo_momentum_and_weight_decay():
+def test_shampoo_first_real_step_equals_grafted_step_with_b1():
+  """Issue item 5: with b1 = 0.9 the first real update has the full grafted norm."""
   rng = np.random.default_rng(3)
-  b1, wd = 0.8, 0.1
+  shapes = {"w": (3, 4), "b": (6,)}
+  lr, geps = 0.1, 1e-8
+  opt = ShampooOracle(lr=lr, b1=0.9, grafting="adam", graft_eps=geps)
+  params = _random_tree(rng, shapes)
+  params = opt.step(params, _random_tree(rng, shapes))
+  g = _random_tree(rng, shapes)
+  new = opt.step(params, g)
+  for k in shapes:
+    graft = g[k] / (np.abs(g[k]) + geps)  # M_hat = G, nu_hat = G^2 at t = 1
+    step = (params[k] - new[k]) / lr
+    np.testing.assert_allclose(np.linalg.norm(step), np.linalg.norm(graft), rtol=1e-12)
+  np.testing.assert_allclose((params["b"] - new["b"]) / lr, g["b"] / (np.abs(g["b"]) + geps))
+
+
+def test_shampoo_preconditions_bias_corrected_filtered_gradient():
+  """Between refreshes the step is lr * P(M_hat), M_hat = EMA_b1(G) / (1 - b1^t); no momentum."""
+  rng = np.random.default_rng(4)
+  b1 = 0.8
   lr = lambda t: 0.1 / (1 + t)  # noqa: E731
-  opt = ShampooOracle(lr=lr, b1=b1, grafting="none", weight_decay=wd, precondition_frequency=3)
-  ref = ShampooOracle(lr=1.0, b1=0.0, grafting="none", precondition_frequency=3)
-  params = {"w": rng.normal(size=(3, 4))}
-  zero = {"w": np.zeros((3, 4))}
-  mu = np.zeros((3, 4))
-  for t, g in enumerate(_grad_seq(rng, 8, {"w": (3, 4)})):
-    d = zero["w"] - ref.step(zero, g)["w"]  # the bare direction D with the same bases
+  opt = ShampooOracle(lr=lr, b1=b1, grafting="none", precondition_frequency=100)
+  shape = (3, 4)
+  params = opt.step({"w": rng.normal(size=shape)}, {"w": rng.normal(size=shape)})
+  st = opt.state["w"]
+  left, right = (_inv_root(q, lam, 0.5, 1e-6) for q, lam in zip(st["Q"], st["eig"], strict=True))
+  m = np.zeros(shape)
+  for t in range(1, 6):
+    g = rng.normal(size=shape)
+    new = opt.step(params, {"w": g})
+    m = b1 * m + (1 - b1) * g
+    want = params["w"] - lr(t) * left @ (m / (1 - b1**t)) @ right
+    np.testing.assert_allclose(new["w"], want, rtol=1e-12, atol=1e-14)
+    params = new
+
+
+@pytest.mark.parametrize("soap_weight_decay", [True, False])
+def test_weight_decay_forms_and_mask(soap_weight_decay):
+  """SOAP's (1 - lr wd)(p - lr u) by default, DS's p - lr (u + wd p) on request; masked params
+  do not decay; the first call never decays."""
+  rng = np.random.default_rng(5)
+  shapes = {"w": (3, 4), "v": (4, 3)}
+  lr, wd = 0.1, 0.5
+  kw = dict(lr=lr, b1=0.5, grafting="adam", precondition_frequency=2)
+  opt = ShampooOracle(
+    weight_decay=wd,
+    weight_decay_mask={"v": False},
+    soap_weight_decay=soap_weight_decay,
+    **kw,
+  )
+  params = _random_tree(rng, shapes)
+  for t, g in enumerate(_grad_seq(rng, 5, shapes)):
+    twin = copy.deepcopy(opt)  # same state, no decay: gives the bare direction u
+    twin.weight_decay = 0.0
+    bare = twin.step(params, g)
+    u = {k: (params[k] - bare[k]) / lr for k in shapes}
     new = opt.step(params, g)
     if t == 0:
-      np.testing.assert_array_equal(new["w"], params["w"])
+      for k in shapes:
+        np.testing.assert_array_equal(new[k], params[k])
     else:
-      mu = b1 * mu + (1 - b1) * d
-      want = params["w"] - lr(t) * mu / (1 - b1 ** (t + 1))  # optax.ema counts the first call
-      want = want - lr(t) * wd * want
-      np.testing.assert_allclose(new["w"], want, rtol=1e-12, atol=1e-14)
+      if soap_weight_decay:
+        want_w = (1 - lr * wd) * (params["w"] - lr * u["w"])
+      else:
+        want_w = params["w"] - lr * (u["w"] + wd * params["w"])
+      np.testing.assert_allclose(new["w"], want_w, rtol=1e-12, atol=1e-14)
+      np.testing.assert_allclose(new["v"], params["v"] - lr * u["v"], rtol=1e-12, atol=1e-14)
     params = new
 
 
@@ -201,6 +329,7 @@ def test_shampoo_momentum_and_weight_decay():
 
 @pytest.mark.parametrize("merge", [False, True])
 def test_eshampoo_no_rotation_is_adam(merge):
+  """Identity bases (max_precond_dim = 0): optax-style Adam from the second call."""
   rng = np.random.default_rng(4)
   lr = lambda t: 1e-2 / (1 + t)  # noqa: E731
   b1, b2, eps, wd = 0.9, 0.95, 1e-8, 0.1
@@ -434,6 +563,7 @@ def test_tolerance_zero_refreshes_on_schedule(method):
     params = opt.step(params, _random_tree(rng, shapes))
     for k, st in opt.state.items():
       for q, q0 in zip(st["Q"], before[k], strict=True):
+        assert np.all(np.isfinite(q))
         assert (not np.array_equal(q, q0)) == (t % 3 == 0)
       assert st["refresh_count"] == [t // 3] * len(st["Q"])
       if method == "eigh" and t % 3 == 0:
@@ -454,3 +584,266 @@ def test_refresh_factor_many_iterations_converges():
   q1, lam1, order1, _ = refresh_factor(stat, q0, "qr", 0.0, 1)
   np.testing.assert_allclose(lam1, np.diag(q0.T @ stat @ q0)[order1])
   assert np.all(np.diff(lam1) <= 0)
+
+
+# -- eigh-free first basis ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("oracle", [ShampooOracle, EShampooOracle, EigenAdafactorOracle])
+def test_first_basis_qr_many_iterations_approaches_eigh(oracle):
+  rng = np.random.default_rng(15)
+  g = rng.normal(size=(4, 6))
+  opt = oracle(
+    lr=1e-2, first_basis="qr", method="qr", refresh_tolerance=1e-13, max_qr_iterations=3000
+  )
+  opt.step({"w": np.zeros((4, 6))}, {"w": g})
+  st = opt.state["w"]
+  for axis in range(2):
+    stat, q = st["L"][axis], st["Q"][axis]
+    _check_orthonormal(q)
+    lam_true = np.linalg.eigvalsh(stat)[::-1]
+    np.testing.assert_allclose(st["eig"][axis], lam_true, atol=1e-9 * lam_true[0])
+    b = q.T @ stat @ q
+    np.testing.assert_allclose(b, np.diag(lam_true), atol=1e-9 * lam_true[0])
+  # The full-rank 4x4 factor has distinct eigenvalues: the basis is eigh's up to signs.
+  _, q_eigh = eigh_descending(st["L"][0])
+  np.testing.assert_allclose(np.abs(q_eigh.T @ st["Q"][0]), np.eye(4), atol=1e-6)
+
+
+def test_first_basis_qr_one_iteration_is_sorted_power_step_from_identity():
+  rng = np.random.default_rng(16)
+  g = rng.normal(size=(3, 5))
+  beta = 0.9
+  opt = EShampooOracle(
+    first_basis="qr", shampoo_beta=beta, refresh_tolerance=0.0, max_qr_iterations=1
+  )
+  opt.step({"w": np.zeros((3, 5))}, {"w": g})
+  st = opt.state["w"]
+  for axis in range(2):
+    stat = (1 - beta) * axis_gram(g, axis)
+    order = np.argsort(-np.diag(stat), kind="stable")
+    np.testing.assert_array_equal(st["order"][axis], order)
+    np.testing.assert_allclose(st["Q"][axis], np.linalg.qr(stat[:, order])[0], atol=1e-14)
+    np.testing.assert_allclose(st["eig"][axis], np.diag(stat)[order], rtol=1e-14)
+    assert st["refresh_count"][axis] == 0  # the first basis is not counted
+
+
+def test_first_basis_qr_keeps_identity_for_diagonal_statistics():
+  g = np.zeros((3, 4))
+  g[0, 0], g[1, 1], g[2, 2] = 1.0, 3.0, 2.0  # G G^T and G^T G are diagonal, not sorted
+  opt = EShampooOracle(first_basis="qr", refresh_tolerance=1e-3)
+  opt.step({"w": np.zeros((3, 4))}, {"w": g})
+  st = opt.state["w"]
+  for axis, n in enumerate((3, 4)):
+    np.testing.assert_array_equal(st["Q"][axis], np.eye(n))
+    np.testing.assert_array_equal(st["order"][axis], np.arange(n))
+    np.testing.assert_allclose(st["eig"][axis], np.diag(st["L"][axis]))
+
+
+# -- rank-deficient first statistics -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "oracle, kw",
+  [
+    (ShampooOracle, dict(grafting="adam")),
+    (ShampooOracle, dict(grafting="none", b1=0.0)),
+    (ShampooOracle, dict(grafting="rmsprop", method="qr", first_basis="qr")),
+    (EShampooOracle, dict()),
+    (EShampooOracle, dict(first_basis="qr")),
+    (EigenAdafactorOracle, dict()),
+  ],
+)
+def test_rectangular_parameter_stays_finite(oracle, kw):
+  """(3, 10): the first 10x10 statistic has rank 3; nothing may blow up."""
+  rng = np.random.default_rng(17)
+  shapes = {"w": (3, 10), "t": (10, 3)}
+  opt = oracle(lr=1e-2, precondition_frequency=2, **kw)
+  params = _random_tree(rng, shapes)
+  for g in _grad_seq(rng, 6, shapes):
+    params = opt.step(params, g)
+    _check_finite(params)
+    for st in opt.state.values():
+      for q in st["Q"]:
+        _check_orthonormal(q, atol=1e-10)
+
+
+# -- blocking ----------------------------------------------------------------------------------
+
+BLOCK_CASES = {
+  "divisible": (dict(w=(4, 6)), dict(block_size=2)),
+  "ragged": (dict(w=(5, 7), v=(7,), s=()), dict(block_size=3, precondition_1d=True)),
+  "merged": (dict(c=(2, 3, 10)), dict(block_size=4, merge_dims=True, max_precond_dim=8)),
+}
+BLOCK_ORACLES = {
+  "shampoo_adam": (ShampooOracle, dict(b1=0.9, grafting="adam")),
+  "shampoo_qr": (ShampooOracle, dict(b1=0.0, grafting="none", trace_scaling=True, method="qr")),
+  "eshampoo": (EShampooOracle, dict()),
+  "adafactor": (EigenAdafactorOracle, dict()),
+}
+
+
+def _split(tree, opt):
+  """Each block of each parameter (working shape) as its own parameter ``name/i``."""
+  out = {}
+  for name, x in tree.items():
+    work_shape, _ = opt.layout(np.shape(x))
+    for i, index in enumerate(block_slices(work_shape, opt.block_size)):
+      out[f"{name}/{i}"] = np.array(np.reshape(x, work_shape)[index])
+  return out
+
+
+@pytest.mark.parametrize("case", sorted(BLOCK_CASES))
+@pytest.mark.parametrize("which", sorted(BLOCK_ORACLES))
+def test_blocked_equals_independent_blocks(case, which):
+  """A blocked parameter behaves as its blocks run as independent (unmerged) parameters."""
+  shapes, layout_kw = BLOCK_CASES[case]
+  oracle, kw = BLOCK_ORACLES[which]
+  rng = np.random.default_rng(18)
+  kw = dict(lr=1e-2, precondition_frequency=2, **kw)
+  blocked = oracle(**kw, **layout_kw)
+  ref_kw = dict(layout_kw, block_size=None, merge_dims=False)
+  reference = oracle(**kw, **ref_kw)
+  params = _random_tree(rng, shapes)
+  ref_params = _split(params, blocked)
+  for call, g in enumerate(_grad_seq(rng, 6, shapes)):
+    params = blocked.step(params, g)
+    ref_params = reference.step(ref_params, _split(g, blocked))
+    if call == 0:  # overwrite one block's basis in both: the state is exposed per block
+      name = "w" if "w" in shapes else "c"
+      bs, ref_st = blocked.state[name]["blocks"][1], reference.state[f"{name}/1"]
+      q = _random_orthogonal(rng, bs["Q"][0].shape[0])
+      bs["Q"][0], ref_st["Q"][0] = q, q.copy()
+    got = _split(params, blocked)
+    for key in ref_params:
+      np.testing.assert_allclose(got[key], ref_params[key], rtol=1e-10, atol=1e-13)
+    for name in shapes:
+      for i, bs in enumerate(blocked.state[name]["blocks"]):
+        ref_st = reference.state[f"{name}/{i}"]
+        assert bs["factored"] == ref_st["factored"]
+        for qa, qb in zip(bs["Q"], ref_st["Q"], strict=True):
+          if qb is not None:
+            np.testing.assert_allclose(qa, qb, atol=1e-10)
+
+
+def test_blocking_factors_axes_longer_than_max_precond_dim():
+  opt = EShampooOracle(block_size=4, max_precond_dim=5)
+  opt.step({"w": np.zeros((3, 10))}, {"w": np.ones((3, 10))})
+  st = opt.state["w"]
+  assert [bs["work_shape"] for bs in st["blocks"]] == [(3, 4), (3, 4), (3, 2)]
+  assert all(bs["factored"] == [True, True] for bs in st["blocks"])
+  unblocked = EShampooOracle(max_precond_dim=5)
+  unblocked.step({"w": np.zeros((3, 10))}, {"w": np.ones((3, 10))})
+  assert unblocked.state["w"]["factored"] == [True, False]
+
+
+def test_shampoo_grafting_norm_is_per_block():
+  rng = np.random.default_rng(19)
+  b1, b2, geps, lr = 0.9, 0.99, 1e-8, 0.1
+  shape, block_size = (5, 7), 3
+  opt = ShampooOracle(lr=lr, b1=b1, b2=b2, graft_eps=geps, block_size=block_size)
+  params = opt.step({"w": rng.normal(size=shape)}, {"w": rng.normal(size=shape)})
+  mu, nu = np.zeros(shape), np.zeros(shape)
+  for t in range(1, 4):
+    g = rng.normal(size=shape)
+    new = opt.step(params, {"w": g})
+    mu = b1 * mu + (1 - b1) * g
+    nu = b2 * nu + (1 - b2) * g**2
+    graft = _graft_reference("adam", mu / (1 - b1**t), nu, b2, t, geps)
+    step = (params["w"] - new["w"]) / lr
+    for index in block_slices(shape, block_size):
+      np.testing.assert_allclose(
+        np.linalg.norm(step[index]), np.linalg.norm(graft[index]), rtol=1e-12
+      )
+    params = new
+
+
+# -- staggered refresh -------------------------------------------------------------------------
+
+
+def test_stagger_phases_follow_greedy_rule_by_hand():
+  shapes = {"b": (8,), "a": (4, 6)}
+  params = {k: np.zeros(s) for k, s in shapes.items()}
+  # Unblocked costs: a0 = 4^3 = 64, a1 = 6^3 = 216, b0 = 8^3 = 512. Descending: b0 -> phase 0,
+  # a1 -> phase 1, a0 -> phase 2 (the emptiest).
+  opt = ShampooOracle(lr=1.0, stagger=True, precondition_frequency=3, precondition_1d=True)
+  opt.step(params, params)
+  assert opt.phases == {"a": [2, 1], "b": [0]}
+  # block_size 4 with b of length 12: a has 2 blocks, each axis costs 2 * 4^3 = 128 (the block
+  # length of a1 is 4, not 6); b has 3 blocks, 3 * 4^3 = 192. b0 -> 0, then the tie a0, a1 in
+  # order of appearance -> 1, 2.
+  blocked = {"b": np.zeros(12), "a": np.zeros((4, 6))}
+  opt = EShampooOracle(stagger=True, precondition_frequency=3, precondition_1d=True, block_size=4)
+  opt.step(blocked, blocked)
+  assert opt.phases == {"a": [1, 2], "b": [0]}
+  # Two phases: 512 -> 0, 216 -> 1, then 64 -> 1 (280 < 512).
+  opt = EigenAdafactorOracle(stagger=True, precondition_frequency=2, precondition_1d=True)
+  opt.step(params, params)
+  assert opt.phases == {"a": [1, 1], "b": [0]}
+  # Without stagger every factor has phase 0.
+  opt = ShampooOracle(lr=1.0, precondition_frequency=3, precondition_1d=True)
+  opt.step(params, params)
+  assert opt.phases == {"a": [0, 0], "b": [0]}
+
+
+@pytest.mark.parametrize("block_size", [None, 3])
+def test_stagger_refreshes_only_due_factors(block_size):
+  rng = np.random.default_rng(20)
+  shapes = {"a": (4, 6), "b": (5,)}
+  freq = 3
+  opt = ShampooOracle(
+    lr=1e-2, stagger=True, precondition_frequency=freq, precondition_1d=True, block_size=block_size
+  )
+
+  def blocks(name):
+    st = opt.state[name]
+    return st["blocks"] if block_size else [st]
+
+  params = opt.step(_random_tree(rng, shapes), _random_tree(rng, shapes))
+  for t in range(1, 8):
+    before = {k: [[q.copy() for q in bs["Q"]] for bs in blocks(k)] for k in shapes}
+    counts = {k: [list(bs["refresh_count"]) for bs in blocks(k)] for k in shapes}
+    params = opt.step(params, _random_tree(rng, shapes))
+    for k in shapes:
+      for i, bs in enumerate(blocks(k)):
+        for axis, q in enumerate(bs["Q"]):
+          due = t % freq == opt.phases[k][axis]
+          assert bs["refresh_count"][axis] == counts[k][i][axis] + int(due)
+          if not due:
+            np.testing.assert_array_equal(q, before[k][i][axis])
+
+
+def test_stagger_moves_diagonal_only_along_refreshed_axes():
+  rng = np.random.default_rng(22)
+  b2, freq = 0.9, 2
+  shape = (4, 5)
+  opt = EShampooOracle(b2=b2, stagger=True, precondition_frequency=freq, refresh_tolerance=0.0)
+  params = opt.step({"w": rng.normal(size=shape)}, {"w": rng.normal(size=shape)})
+  st = opt.state["w"]
+  assert sorted(opt.phases["w"]) == [0, 1]  # 5^3 -> phase 0, 4^3 -> phase 1
+  for t in range(1, 7):
+    d0, (ql, qr) = st["D"].copy(), st["Q"]
+    g = rng.normal(size=shape)
+    params = opt.step(params, {"w": g})
+    want = b2 * d0 + (1 - b2) * (ql.T @ g @ qr) ** 2
+    for axis in range(2):
+      if t % freq == opt.phases["w"][axis]:
+        want = np.take(want, st["order"][axis], axis=axis)
+    np.testing.assert_allclose(st["D"], want, rtol=1e-13)
+
+
+def test_stagger_carries_momentum_exactly():
+  rng = np.random.default_rng(23)
+  shapes = {"w": (4, 6), "c": (2, 3, 4)}
+  opt = EigenAdafactorOracle(stagger=True, precondition_frequency=3, block_size=3)
+  params = _random_tree(rng, shapes)
+  ema = {k: np.zeros(s) for k, s in shapes.items()}
+  for t, g in enumerate(_grad_seq(rng, 8, shapes)):
+    params = opt.step(params, g)
+    if t > 0:
+      ema = {k: 0.95 * ema[k] + 0.05 * g[k] for k in shapes}
+    for k in shapes:
+      m = np.zeros(shapes[k])
+      for bs, index in zip(opt.state[k]["blocks"], opt.state[k]["slices"], strict=True):
+        m[index] = bs["m"]
+      np.testing.assert_allclose(opt.project_back(k, m), ema[k], atol=1e-12)

@@ -97,7 +97,7 @@ def test_soap_preconditions_vectors_when_asked():
       p = optax.apply_updates(p, updates)
       q = oracle.step(q, g)
       if i == 0:
-        basis = state.inner_state[1].basis["vector"][0]
+        basis = state.inner_state[1].basis["vector:0"][0]
         oracle.state["vector"]["Q"][0] = np.asarray(basis)
   errors = cumulative_update_errors(params, p, q)
   assert max(errors.values()) < 1e-9, errors
