@@ -11,6 +11,7 @@ Every optimizer is an ``optax.chain`` of the public blocks::
 
 from soap_optax._alias import eigen_adafactor, eshampoo, shampoo, skip_nonfinite_steps, soap
 from soap_optax._carrier import KroneckerUpdate
+from soap_optax._diagnostics import Diagnostics, FactorDiagnostics, diagnostics
 from soap_optax._eigenbasis import EigenbasisState, eigenbasis_refresh
 from soap_optax._layout import FactorLayout, LayoutRule, merge_dims
 from soap_optax._linalg import off_diagonal_ratio
@@ -32,9 +33,11 @@ from soap_optax._weight_decay import WeightDecayAfterStepState, add_decayed_weig
 __version__ = "0.1.0"
 
 __all__ = (
+  "Diagnostics",
   "EigenbasisState",
   "EmaMomentumState",
   "EigenvalueCorrectedState",
+  "FactorDiagnostics",
   "FactorLayout",
   "KroneckerStatsState",
   "KroneckerUpdate",
@@ -45,6 +48,7 @@ __all__ = (
   "ShampooPreconditionState",
   "WeightDecayAfterStepState",
   "add_decayed_weights_after_step",
+  "diagnostics",
   "eigen_adafactor",
   "ema_momentum",
   "eigenbasis_optimizer",

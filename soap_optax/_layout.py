@@ -196,6 +196,14 @@ class LayoutRule:
       its own factors (Distributed Shampoo's ``max_preconditioner_dim``; the last block of an
       axis that does not divide is zero-padded). ``None`` (the default, the SOAP reference's
       behaviour) never cuts.
+
+  Examples:
+    >>> import soap_optax
+    >>> soap_optax.LayoutRule(max_precond_dim=1024).layout((512, 4096)).factored
+    (True, False)
+    >>> blocked = soap_optax.LayoutRule(block_size=128).layout((384, 200))
+    >>> blocked.blocked_shape, blocked.factor_sizes  # 3 × 2 blocks; the last column padded
+    ((6, 128, 128), (128, 128))
   """
 
   max_precond_dim: int = 10000

@@ -41,6 +41,17 @@ def add_decayed_weights_after_step(
 
   Returns:
     An ``optax.GradientTransformation`` that needs ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> tx = soap_optax.add_decayed_weights_after_step(0.1, 0.5)
+    >>> params, step = jnp.array([2.0]), jnp.array([-1.0])
+    >>> state = tx.init(params)
+    >>> _, state = tx.update(step, state, params)  # the initialising call is not decayed
+    >>> updates, state = tx.update(step, state, params)
+    >>> round(float((params + updates)[0]), 6)  # (1 − 0.1·0.5)·(2 − 1)
+    0.95
   """
 
   def init_fn(params):
