@@ -144,8 +144,18 @@ def _kronecker_chain(
     direction,
     optax.scale_by_learning_rate(learning_rate),
     add_decayed_weights_after_step(learning_rate, weight_decay, weight_decay_mask),
+    _in_parameter_dtypes(),
   )
   return skip_nonfinite_steps(tx)
+
+
+def _in_parameter_dtypes() -> optax.GradientTransformation:
+  """Casts the finished updates to their parameters' dtypes (the blocks compute in float32)."""
+
+  def update_fn(updates, state, params=None):
+    return jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def _layout(max_precond_dim, merge_dims, precondition_1d, block_size) -> LayoutRule:

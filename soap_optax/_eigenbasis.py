@@ -235,7 +235,8 @@ def _decompose_stack(branch, units, stats, bases, estimates, config, mesh):
   counts = jnp.asarray(padding.sum(-1))
 
   def local(stats, basis, estimate, counts):
-    return _guarded(branch, stats, basis, estimate, counts, config)
+    with jax.named_scope(branch.__name__.strip("_")):  # "first" or "scheduled" in profiles
+      return _guarded(branch, stats, basis, estimate, counts, config)
 
   if mesh is not None:
     spec = _sharding.stack_spec(mesh, 3)
@@ -419,14 +420,24 @@ def _refresh_group(group: Sequence[_Unit], phase: int, state, config, mesh) -> d
     del iterations
     return _decompose_stack(branch, group, stats, bases, estimates, config, mesh)
 
-  specs = [Eigenbasis(*(_sharding.spread(s, mesh) for s in _result_shapes(b.shape))) for b in bases]
+  specs = [_result_specs(b.shape, mesh) for b in bases]
+  # The operands stay where the state keeps them until a branch moves them: no communication
+  # outside the refresh, so a step that does not refresh pays nothing for it on a mesh either.
+  in_specs = (
+    [s.basis for s in specs],
+    [s.basis for s in specs],
+    [s.eigenvalues for s in specs],
+    [s.iterations for s in specs],
+  )
   branches = [
-    _sharding.relayout(fn, specs, mesh)
+    _sharding.relayout(fn, specs, mesh, in_specs)
     for fn in (keep, functools.partial(recompute, _first), functools.partial(recompute, _scheduled))
   ]
   on_schedule = count % config.precondition_frequency == phase
   index = jnp.where(count == 0, _FIRST, jnp.where(on_schedule, _SCHEDULED, _KEEP))
-  out = lax.switch(jnp.where(finite, index, _KEEP), branches, stats, bases, estimates, iterations)
+  with jax.named_scope("eigenbasis_refresh"):  # names the refresh's ops in profiles and HLO
+    index = jnp.where(finite, index, _KEEP)
+    out = lax.switch(index, branches, stats, bases, estimates, iterations)
   return {u.key: r for u, r in zip(group, out, strict=True)}
 
 
@@ -463,9 +474,15 @@ def _fill(carrier: KroneckerUpdate, axes: dict) -> KroneckerUpdate:
   return carrier.replace(**dict(zip(names, per_axis, strict=True)))
 
 
-def _result_shapes(basis_shape):
+def _result_specs(basis_shape, mesh) -> Eigenbasis:
+  """Where a refresh's results live: spread like the state, but the refreshed flags replicated,
+  so that the rotated optimizers' "was anything refreshed?" test needs no communication."""
   blocks, n = basis_shape[0], basis_shape[-1]
-  return (blocks, n, n), (blocks, n), (blocks, n), (blocks,), (blocks,)
+  spread = functools.partial(_sharding.spread, mesh=mesh)
+  flags = None if mesh is None else jax.sharding.PartitionSpec()
+  return Eigenbasis(
+    spread((blocks, n, n)), spread((blocks, n)), spread((blocks, n)), flags, spread((blocks,))
+  )
 
 
 def _as_dict(field):

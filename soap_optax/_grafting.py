@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
+from soap_optax._linalg import debias, divide
+
 Grafting = Literal["none", "sgd", "rmsprop", "adam"]
 GRAFTING = ("none", "sgd", "rmsprop", "adam")
 
@@ -46,8 +48,8 @@ def grafted_step(
   if grafting == "sgd":
     return vector
   if grafting == "adam":
-    nu = nu / (1 - b2 ** jnp.maximum(count, 1).astype(nu.dtype))
-  return vector / (jnp.sqrt(nu) + eps)
+    nu = nu / debias(b2, count, nu.dtype)
+  return divide(vector, jnp.sqrt(nu) + eps)
 
 
 def _block_norm(x: jax.Array) -> jax.Array:

@@ -9,6 +9,7 @@ the tensor is rotated by factor ``b``. The decompositions work on one symmetric 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -67,6 +68,25 @@ def factor_statistic(x: Array, axis: int) -> Array:
   return lax.dot_general(x, x, dims, precision=HIGHEST)
 
 
+def debias(decay, count: Array, dtype=jnp.float32) -> Array:
+  """``1 − decayᵗ`` at update ``t = count`` (the initialising call is not counted).
+
+  Computed as ``−expm1(t·log(decay))`` with the logarithm taken in float64 for a Python
+  ``decay``: a decay just below 1 (0.999999999, say) is 1.0 in float32, where ``1 − decayᵗ``
+  would be 0 and the bias correction infinite.
+  """
+  t = jnp.maximum(count, 1).astype(dtype)
+  if isinstance(decay, (int, float)):
+    log = math.log(decay) if decay > 0 else -math.inf
+    return -jnp.expm1(t * log)
+  return -jnp.expm1(t * jnp.log(decay))
+
+
+def divide(numerator: Array, denominator: Array) -> Array:
+  """``numerator / denominator``, and 0 where the denominator is 0 (a moment never fed)."""
+  return jnp.where(denominator > 0, numerator / jnp.where(denominator > 0, denominator, 1), 0)
+
+
 def all_finite(arrays: Sequence[Array]) -> Array:
   """A scalar bool: every entry of every array is finite (True for no arrays)."""
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(a)) for a in arrays], dtype=bool))
@@ -113,6 +133,7 @@ def eigh_descending(matrix: Array) -> tuple[Array, Array]:
   def finite(w, v):
     return jnp.all(jnp.isfinite(w), axis=-1) & jnp.all(jnp.isfinite(v), axis=(-2, -1))
 
+  @jax.named_scope("eigh_retry")
   def retry(w, v):
     ok = finite(w, v)
     trace = jnp.trace(matrix, axis1=-2, axis2=-1) / n

@@ -5,7 +5,7 @@ eigenvalue-corrected Shampoo (:func:`eigenvalue_corrected`) and Shampoo itself
 (:func:`~soap_optax.shampoo_precondition`) share one skeleton, :func:`eigenbasis_optimizer`:
 move the moments into the working layout, compute a direction, carry the moments into the
 refreshed basis, skip the initialising and non-finite steps, and hand back an update in the
-parameter's shape and dtype. Each optimizer is only what differs: its moments (and in which basis
+parameter's shape. Each optimizer is only what differs: its moments (and in which basis
 each lives) and its direction rule.
 """
 
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
-from jax.typing import ArrayLike, DTypeLike
+from jax.typing import DTypeLike
 
 from soap_optax import _sharding
 from soap_optax._carrier import (
@@ -31,7 +31,7 @@ from soap_optax._carrier import (
   storage_dtype,
 )
 from soap_optax._layout import FactorLayout, LayoutRule, from_blocks, to_blocks
-from soap_optax._linalg import mode_product
+from soap_optax._linalg import debias, divide, mode_product
 
 Array = jax.Array
 
@@ -77,11 +77,6 @@ class Rotation(NamedTuple):
 DirectionRule = Callable[[KroneckerUpdate, dict[str, Array], Rotation], tuple[Array, dict]]
 
 
-def debias(decay: ArrayLike, count: Array) -> Array:
-  """``1 − decayᵗ`` at update ``t = count`` (the initialising call is not counted)."""
-  return 1 - decay ** jnp.maximum(count, 1).astype(jnp.result_type(decay, float))
-
-
 def carry_to_next_basis(carrier: KroneckerUpdate, moments: dict, kinds: dict) -> dict:
   """Moves moments held in ``carrier.basis`` into ``carrier.next_basis``.
 
@@ -113,7 +108,8 @@ def carry_to_next_basis(carrier: KroneckerUpdate, moments: dict, kinds: dict) ->
     return out
 
   any_refreshed = jnp.any(jnp.concatenate([jnp.ravel(r) for r in refreshed]))
-  moved = lax.cond(any_refreshed, transfer, lambda m: m, moving)
+  with jax.named_scope("moment_transfer"):
+    moved = lax.cond(any_refreshed, transfer, lambda m: m, moving)
   return {**moments, **moved}
 
 
@@ -245,7 +241,9 @@ def _step(carrier: KroneckerUpdate, stored: dict, *, direction, kinds, param_sha
   for k, v in new.items():
     v = jnp.where(live, v, moments[k])
     back[k] = (from_blocks(v, layout) if shaped[k] else v).astype(stored[k].dtype)
-  return carrier.restore(jnp.where(live, step, 0)), back
+  # The update stays in the compute dtype: a large direction (before the learning rate scales
+  # it) would overflow float16; optax.apply_updates casts to the parameter's dtype.
+  return from_blocks(jnp.where(live, step, 0), layout), back
 
 
 # -- SOAP -----------------------------------------------------------------------------------------
@@ -291,7 +289,8 @@ def rotated_adam(
   folded into the step size). On the first call (count 0) the update is zero and the moments
   stay zero: that call only sets up statistics and bases. When a factor's basis is refreshed, the
   first moment is rotated exactly into the new basis and the second moment is permuted with the
-  new column order. The update is returned in each parameter's shape and dtype, ready for
+  new column order. The update is returned in each parameter's shape (in float32, or float64 for
+  float64 parameters: ``optax.apply_updates`` casts it to the parameter's dtype), ready for
   standard optax transformations (weight decay, learning rate) behind it.
 
   Args:
@@ -337,11 +336,15 @@ def rotated_adam(
     g = rotation.into(carrier.grad)
     mu = optax.tree.update_moment(g, moments["mu"], b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(g, moments["nu"], b2, 2)
-    step = rotation.out(mu / (jnp.sqrt(nu) + eps))
+    step = rotation.out(divide(mu, jnp.sqrt(nu) + eps))
     if normalize_grads:
-      step = step / (1e-30 + block_rms(step, carrier.layout))
+      rms = block_rms(step, carrier.layout)
+      # The reference divides by 1e-30 + rms; an explicit zero branch, because XLA may fold the
+      # two divisions into one whose product of denominators underflows to 0.
+      step = jnp.where(rms > 0, step / (1e-30 + jnp.where(rms > 0, rms, 1)), 0)
     if correct_bias:
-      step = step * (jnp.sqrt(debias(b2, carrier.count)) / debias(b1, carrier.count))
+      count = carrier.count
+      step = step * (jnp.sqrt(debias(b2, count, mu.dtype)) / debias(b1, count, mu.dtype))
     return step, {"mu": mu, "nu": nu}
 
   moments = (Moment("mu", "eigen"), Moment("nu", "diagonal"))
@@ -459,9 +462,10 @@ def rotated_adafactor(
       row = optax.tree.update_moment(row_sums, moments["nu_row"], b2, 1)
       col = optax.tree.update_moment(col_sums, moments["nu_col"], b2, 1)
       new, v = {"nu_row": row, "nu_col": col}, row * col / jnp.sum(row, row_axis, keepdims=True)
-    step = rotation.out(mu / (jnp.sqrt(v) + eps))
+    step = rotation.out(divide(mu, jnp.sqrt(v) + eps))
     if correct_bias:
-      step = step * (jnp.sqrt(debias(b2, carrier.count)) / debias(b1, carrier.count))
+      count = carrier.count
+      step = step * (jnp.sqrt(debias(b2, count, mu.dtype)) / debias(b1, count, mu.dtype))
     return step, {"mu": mu, **new}
 
   moments = (
@@ -548,9 +552,9 @@ def eigenvalue_corrected(
   def direction(carrier, moments, rotation):
     mu = optax.tree.update_moment(carrier.grad, moments["mu"], b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(rotation.into(carrier.grad), moments["nu"], b2, 2)
-    mu_hat = mu / debias(b1, carrier.count)
-    nu_hat = nu / debias(b2, carrier.count)
-    step = rotation.out(rotation.into(mu_hat) / (jnp.sqrt(nu_hat) + eps))
+    mu_hat = mu / debias(b1, carrier.count, mu.dtype)
+    nu_hat = nu / debias(b2, carrier.count, mu.dtype)
+    step = rotation.out(divide(rotation.into(mu_hat), jnp.sqrt(nu_hat) + eps))
     return step, {"mu": mu, "nu": nu}
 
   moments = (Moment("mu", "parameter"), Moment("nu", "diagonal"))

@@ -10,7 +10,8 @@ from jax.typing import DTypeLike
 
 from soap_optax import _grafting
 from soap_optax._grafting import Grafting
-from soap_optax._rotated import Moment, debias, eigenbasis_optimizer
+from soap_optax._linalg import debias
+from soap_optax._rotated import Moment, eigenbasis_optimizer
 
 
 class ShampooPreconditionState(NamedTuple):
@@ -110,7 +111,8 @@ def shampoo_precondition(
 
   Returns:
     An ``optax.GradientTransformation`` placed after :func:`~soap_optax.eigenbasis_refresh`;
-    it returns plain update arrays in each parameter's shape and dtype.
+    it returns plain update arrays in each parameter's shape (float32 for low-precision
+    parameters).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -150,7 +152,7 @@ def shampoo_precondition(
     vector = carrier.grad
     if filtered:
       new["mu"] = optax.tree.update_moment(carrier.grad, moments["mu"], b1, 1)
-      vector = new["mu"] / debias(b1, carrier.count)
+      vector = new["mu"] / debias(b1, carrier.count, vector.dtype)
     nu = None
     if "graft_nu" in moments:
       nu = new["graft_nu"] = _grafting.update_second_moment(

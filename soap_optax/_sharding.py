@@ -129,24 +129,35 @@ def constrain(x, spec: PartitionSpec | None, mesh: Mesh | None):
   return jax.lax.with_sharding_constraint(x, spec)
 
 
-def relayout(fn: Callable[..., Any], out_specs: Any, mesh: Mesh | None) -> Callable[..., Any]:
+def relayout(
+  fn: Callable[..., Any], out_specs: Any, mesh: Mesh | None, in_specs: Any = None
+) -> Callable[..., Any]:
   """``fn`` run so that its outputs have ``out_specs`` (a pytree of specs matching them).
 
   Under explicit sharding ``fn`` runs in an automatic region: its contractions and reshapes need
   no sharding annotations, and the partitioner inserts the communication. Under automatic
-  sharding the outputs are constrained. Without a mesh, ``fn`` itself.
+  sharding the outputs are constrained. Without a mesh, ``fn`` itself. ``in_specs`` (specs for
+  the positional arguments) pins the inputs where they are on entry, so that the partitioner
+  moves data inside ``fn`` rather than before it — what keeps a runtime branch's communication
+  inside the branch.
   """
   if mesh is None:
     return fn
-  if is_explicit(mesh):
-    return jax.sharding.auto_axes(fn, out_sharding=out_specs)
 
-  def constrained(*args):
+  def pinned(*args):
+    if in_specs is not None:
+      args = _pin(args, in_specs, mesh)
     out = fn(*args)
-    pin = lambda spec, x: constrain(x, spec, mesh)  # noqa: E731
-    return jax.tree.map(pin, out_specs, out, is_leaf=lambda spec: spec is None)
+    return out if is_explicit(mesh) else _pin(out, out_specs, mesh)
 
-  return constrained
+  if is_explicit(mesh):
+    return jax.sharding.auto_axes(pinned, out_sharding=out_specs)
+  return pinned
+
+
+def _pin(tree, specs, mesh):
+  pin = lambda spec, x: constrain(x, spec, mesh)  # noqa: E731
+  return jax.tree.map(pin, specs, tree, is_leaf=lambda spec: spec is None)
 
 
 @contextlib.contextmanager

@@ -131,47 +131,49 @@ def kronecker_stats(
     del params
     mesh = _sharding.find_mesh(updates)
     finite = _linalg.all_finite(jax.tree.leaves(updates))
-
-    def update_leaf(name, g):
-      lay = rule.layout(g.shape)
-      shapes = factor_shapes(lay)
-      keys = {axis: factor_key(name, axis) for axis in shapes}
-      cdt = compute_dtype(g.dtype)
-
-      def accumulate(g, finite, *old):
-        working = to_blocks(g.astype(cdt), lay)
-        new = []
-        for (axis, _), s in zip(keys.items(), old, strict=True):
-          ema = beta * s.astype(cdt) + (1 - beta) * _linalg.factor_statistic(working, axis)
-          new.append(jnp.where(finite, ema, s.astype(cdt)))
-        return working, new, [n.astype(s.dtype) for n, s in zip(new, old, strict=True)]
-
-      specs = [_sharding.spread(shapes[axis], mesh) for axis in keys]
-      out_specs = (working_spec(lay, _sharding.spec_of(g), mesh), specs, specs)
-      old = [state.stats[key] for key in keys.values()]
-      working, computed, stored = _sharding.relayout(accumulate, out_specs, mesh)(g, finite, *old)
-      per_axis = dict(zip(keys, computed, strict=True))
-      carrier = KroneckerUpdate(
-        grad=working,
-        count=state.count,
-        finite=finite,
-        stats=tuple(per_axis.get(axis) for axis in range(len(lay.working_shape))),
-        layout=lay,
-        dtype=g.dtype,
-        name=name,
-        spec=_sharding.spec_of(g),
-      )
-      return carrier, dict(zip(keys.values(), stored, strict=True))
-
     with _sharding.using(mesh):
-      named = named_leaves(updates)
-      results = [update_leaf(name, g) for name, g in named]
-      carriers = jax.tree.structure(updates).unflatten([c for c, _ in results])
-      stats = dict(state.stats) if isinstance(state.stats, dict) else state.stats
-      for _, new in results:
-        stats.update(new)
-      count = state.count + finite.astype(jnp.int32)
-      skipped = state.skipped + (~finite).astype(jnp.int32)
+      results = [
+        _accumulate(name, g, state, finite, beta, rule, mesh) for name, g in named_leaves(updates)
+      ]
+    carriers = jax.tree.structure(updates).unflatten([c for c, _ in results])
+    stats = dict(state.stats) if hasattr(state.stats, "keys") else state.stats
+    for _, new in results:
+      stats.update(new)
+    count = state.count + finite.astype(jnp.int32)
+    skipped = state.skipped + (~finite).astype(jnp.int32)
     return carriers, KroneckerStatsState(count, stats, skipped)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _accumulate(name, g, state, finite, beta, rule, mesh):
+  """One parameter's statistics update and the record it starts: ``(record, new statistics)``."""
+  layout = rule.layout(g.shape)
+  shapes = factor_shapes(layout)
+  keys = {axis: factor_key(name, axis) for axis in shapes}
+  cdt = compute_dtype(g.dtype)
+
+  def accumulate(g, finite, *old):
+    working = to_blocks(g.astype(cdt), layout)
+    new = []
+    for axis, s in zip(keys, old, strict=True):
+      ema = beta * s.astype(cdt) + (1 - beta) * _linalg.factor_statistic(working, axis)
+      new.append(jnp.where(finite, ema, s.astype(cdt)))
+    return working, new, [n.astype(s.dtype) for n, s in zip(new, old, strict=True)]
+
+  specs = [_sharding.spread(shapes[axis], mesh) for axis in keys]
+  out_specs = (working_spec(layout, _sharding.spec_of(g), mesh), specs, specs)
+  old = [state.stats[key] for key in keys.values()]
+  working, computed, stored = _sharding.relayout(accumulate, out_specs, mesh)(g, finite, *old)
+  per_axis = dict(zip(keys, computed, strict=True))
+  record = KroneckerUpdate(
+    grad=working,
+    count=state.count,
+    finite=finite,
+    stats=tuple(per_axis.get(axis) for axis in range(len(layout.working_shape))),
+    layout=layout,
+    dtype=g.dtype,
+    name=name,
+    spec=_sharding.spec_of(g),
+  )
+  return record, dict(zip(keys.values(), stored, strict=True))

@@ -11,3 +11,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # refresh measured up to 100x slower); one thread is both faster and reproducible.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(__file__))
+
+# The mesh tests need 8 simulated devices, which must be set before JAX starts: tests/test_mesh.py
+# runs them in a process of their own.
+collect_ignore = [] if os.environ.get("SOAP_OPTAX_MESH_TESTS") else ["mesh"]

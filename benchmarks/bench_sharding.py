@@ -1,0 +1,205 @@
+r"""The optimizers on a mesh: state per device, refresh work per device, collectives, compile.
+
+Runs on simulated CPU devices (the script sets
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` itself before JAX starts) with the GPT-like
+parameter set of ``bench_step.py`` sharded FSDP- and tensor-parallel-style on a ``(fsdp, tp)``
+mesh, in both of JAX's sharding modes, and reports, against ``optax.adamw`` measured in the
+same run:
+
+* **state bytes per device** / (total state bytes / devices): 1.0 is a perfect spread;
+* **refresh work per device** / (total / devices): Σ batch × n³ over the LAPACK decompositions of
+  the refresh in the compiled per-device program, against the work of decomposing every factor
+  once, with the authors' unblocked layout and with ``--block_size`` blocks;
+* **collectives** in the compiled step: inside the refresh branch, in the moment transfer that
+  follows a refresh, and in the rest of the step (what every step pays);
+* **compile time** of the jitted update (lower + compile).
+
+What 8 CPU devices cannot measure: wall-clock speed-ups, interconnect bandwidth, GPU/TPU
+lowering of ``eigh``/QR, multi-host behaviour.
+
+Usage:
+
+  python benchmarks/bench_sharding.py
+  python benchmarks/bench_sharding.py --optimizers soap --modes explicit --num_layers 2
+  python benchmarks/bench_sharding.py --compile_scaling 1 2 4 8   # compile time vs. model depth
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+import _hlo  # noqa: E402
+
+MODES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
+
+
+def gpt_sharding(name: str, shape) -> P:
+  """FSDP × tensor parallelism, the way a GPT's parameters are usually laid out."""
+  if len(shape) == 1:
+    return P("tp") if name.endswith(("qkv/bias", "mlp_up/bias")) else P()
+  if name == "embed":
+    return P("fsdp", None)
+  if name.endswith(("qkv/kernel", "mlp_up/kernel")):
+    return P("fsdp", "tp")
+  return P("tp", "fsdp")  # attention output, MLP down
+
+
+def make_params(shapes, mesh):
+  return {
+    name: jax.device_put(
+      jnp.zeros(shape, jnp.float32), NamedSharding(mesh, gpt_sharding(name, shape))
+    )
+    for name, shape in shapes.items()
+  }
+
+
+def bytes_per_device(state) -> tuple[int, int]:
+  """(the most any device holds, the total)."""
+  per_device: dict = {}
+  total = 0
+  for leaf in jax.tree.leaves(state):
+    total += leaf.nbytes
+    for shard in leaf.addressable_shards:
+      per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+  return max(per_device.values()), total
+
+
+def total_refresh_work(shapes, block_size) -> int:
+  """Σ n³ over every factor (every block): one refresh of everything on one device."""
+  import soap_optax
+
+  rule = soap_optax.LayoutRule(block_size=block_size)
+  work = 0
+  for shape in shapes.values():
+    layout = rule.layout(shape)
+    work += sum(layout.num_blocks * n**3 for n in layout.factor_sizes if n is not None)
+  return work
+
+
+def build(name, block_size):
+  import soap_optax
+
+  if name == "adamw":
+    return optax.adamw(1e-3)
+  kwargs = {} if block_size is None else {"block_size": block_size}
+  return getattr(soap_optax, name)(**kwargs)
+
+
+def measure(name, mode, block_size, shapes, devices):
+  mesh = jax.make_mesh((4, 2), ("fsdp", "tp"), axis_types=(MODES[mode],) * 2)
+  tx = build(name, block_size)
+  with jax.set_mesh(mesh):
+    params = make_params(shapes, mesh)
+    state = jax.jit(tx.init)(params)
+    jax.block_until_ready(state)
+    worst, total = bytes_per_device(state)
+    start = time.perf_counter()
+    compiled = jax.jit(tx.update).lower(params, state, params).compile()
+    seconds = time.perf_counter() - start
+  program = _hlo.read(compiled.as_text())
+  row = {
+    "optimizer": name,
+    "mode": mode,
+    "block_size": block_size,
+    "state_per_device_vs_share": worst / (total / devices),
+    "state_total_MiB": total / 2**20,
+    "compile_s": seconds,
+    "collectives_refresh": program.count_collectives("eigenbasis_refresh"),
+    "collectives_transfer": program.count_collectives("moment_transfer"),
+    "collectives_every_step": program.count_collectives(
+      outside=("eigenbasis_refresh", "moment_transfer")
+    ),
+  }
+  if name != "adamw":
+    share = total_refresh_work(shapes, block_size) / devices
+    kind = "eigh" if name == "shampoo" else "qr"
+    row["refresh_kind"] = kind
+    retry = ("eigh_retry",)  # the eigh retried only when a decomposition fails
+    row["refresh_work_vs_share"] = (
+      program.work(kind, "eigenbasis_refresh/scheduled", outside=retry) / share
+    )
+    row["first_eigh_work_vs_share"] = (
+      program.work("eigh", "eigenbasis_refresh/first", outside=retry) / share
+    )
+  return row
+
+
+def compile_scaling(depths, d_model):
+  """Compile time of the jitted update (one device) against the number of layers."""
+  import soap_optax
+
+  rows = []
+  for layers in depths:
+    shapes = _common.gpt_param_shapes(d_model=d_model, num_layers=layers)
+    params = {k: jnp.zeros(s) for k, s in shapes.items()}
+    row = {"layers": layers, "parameters": _common.num_params(shapes)}
+    for name, tx in (("adamw", optax.adamw(1e-3)), ("soap", soap_optax.soap())):
+      state = tx.init(params)
+      start = time.perf_counter()
+      jax.jit(tx.update).lower(params, state, params).compile()
+      row[f"{name}_compile_s"] = time.perf_counter() - start
+    row["soap_vs_adamw"] = row["soap_compile_s"] / row["adamw_compile_s"]
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument(
+    "--optimizers", nargs="+", default=["soap", "shampoo", "eigen_adafactor", "eshampoo"]
+  )
+  parser.add_argument("--modes", nargs="+", default=["explicit", "auto"], choices=list(MODES))
+  parser.add_argument("--block_size", type=int, default=128)
+  parser.add_argument("--d_model", type=int, default=384)
+  parser.add_argument("--num_layers", type=int, default=6)
+  parser.add_argument("--compile_scaling", type=int, nargs="*", default=None)
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args()
+  info = _common.print_header("soap_optax on a (fsdp=4, tp=2) mesh of simulated devices")
+  devices = jax.device_count()
+  if args.compile_scaling:
+    rows = compile_scaling(args.compile_scaling, args.d_model)
+    print(_common.markdown_table(list(rows[0]), [list(r.values()) for r in rows]))
+    return
+  if devices != 8:
+    raise SystemExit(f"needs 8 devices, found {devices}: JAX started before XLA_FLAGS was set")
+  shapes = _common.gpt_param_shapes(d_model=args.d_model, num_layers=args.num_layers)
+  print(f"parameters: {_common.num_params(shapes):,} in {len(shapes)} arrays\n", flush=True)
+  rows = []
+  for mode in args.modes:
+    rows.append(measure("adamw", mode, None, shapes, devices))
+    print(json.dumps(rows[-1]), flush=True)
+    for name in args.optimizers:
+      for block_size in (None, args.block_size):
+        rows.append(measure(name, mode, block_size, shapes, devices))
+        print(json.dumps(rows[-1]), flush=True)
+  headers = sorted({k for r in rows for k in r}, key=list(rows[-1]).index)
+  print()
+  print(_common.markdown_table(headers, [[_fmt(r.get(h)) for h in headers] for r in rows]))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"machine": info, "rows": rows}, f, indent=2)
+
+
+def _fmt(value):
+  return f"{value:.3g}" if isinstance(value, float) else value
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,242 @@
+"""Specification: every alias runs on device meshes, with its state spread over the devices.
+
+Both of JAX's sharding modes (explicit, `jax.make_mesh`'s default, and automatic), 1-D and 2-D
+meshes, and parameters sharded FSDP-style, tensor-parallel, mixed or replicated.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import aliases
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESHES = {
+  "explicit-2d": ((4, 2), ("fsdp", "tp"), AxisType.Explicit),
+  "auto-2d": ((4, 2), ("fsdp", "tp"), AxisType.Auto),
+  "explicit-1d": ((8,), ("data",), AxisType.Explicit),
+  "auto-1d": ((8,), ("data",), AxisType.Auto),
+}
+
+# A small transformer layer's parameters, sharded the ways a model is: FSDP and tensor-parallel
+# kernels, an FSDP-only kernel, a replicated matrix, a sharded and a replicated vector.
+PARAMS = {
+  2: {
+    "qkv": ((64, 192), P("fsdp", "tp")),
+    "proj": ((64, 64), P("tp", "fsdp")),
+    "down": ((256, 64), P("fsdp", None)),
+    "embed": ((32, 64), P(None, "tp")),
+    "replicated": ((16, 16), P()),
+    "bias": ((64,), P("tp")),
+    "scale": ((64,), P()),
+  },
+  1: {
+    "rows": ((64, 32), P("data", None)),
+    "columns": ((32, 64), P(None, "data")),
+    "replicated": ((16, 8), P()),
+    "bias": ((64,), P("data")),
+    "scale": ((8,), P()),
+  },
+}
+
+# Every alias on the 2-D meshes of both modes; the 1-D meshes with SOAP (each case compiles a
+# sharded step, the suite's most expensive thing).
+CASES = [
+  pytest.param(m, a, id=f"{a}-{m}")
+  for m in MESHES
+  for a in aliases.ALIASES
+  if m.endswith("2d") or a == "soap"
+]
+
+
+@functools.cache
+def mesh(kind: str):
+  shape, names, axis_type = MESHES[kind]
+  return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
+
+
+def tree(kind: str, seed: int, scale: float = 1.0):
+  """A parameter-shaped tree of random values, each leaf placed with its sharding."""
+  m = mesh(kind)
+  rng = np.random.default_rng(seed)
+  return {
+    name: jax.device_put(
+      jnp.asarray(scale * rng.standard_normal(shape), jnp.float32), NamedSharding(m, spec)
+    )
+    for name, (shape, spec) in PARAMS[len(m.axis_names)].items()
+  }
+
+
+def optimizer(name: str, **overrides):
+  """The alias with a refresh every second update and every axis of PARAMS factored."""
+  settings = dict(learning_rate=1e-2, precondition_frequency=2, max_precond_dim=256)
+  return aliases.make(name, **{**settings, **overrides})
+
+
+def types(state):
+  return jax.tree.map(jax.typeof, state)
+
+
+def assert_same_shardings(actual, expected):
+  """Leaf by leaf, the same devices holding the same pieces (``P(None)`` equals ``P()``)."""
+  pairs = zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True)
+  checked = 0
+  for a, e in pairs:
+    assert a.sharding.is_equivalent_to(e.sharding, a.ndim), (a.sharding, e.sharding)
+    checked += 1
+  assert checked > 0
+
+
+def factors(state):
+  """The keys of the factor statistics in ``state``."""
+  stats = optax.tree.get(state, "KroneckerStatsState")
+  return list(stats.stats)
+
+
+@functools.cache
+def trained(kind: str, name: str):
+  """Init (eager and jitted), then three jitted steps (a refresh at count 2) on ``kind``'s mesh.
+
+  Shared by the tests of one (mesh, alias) pair, so that each pair compiles its step once.
+  """
+  tx = optimizer(name)
+  traces = []
+
+  @jax.jit
+  def step(params, state, grads):
+    traces.append(1)  # runs once per trace: a second one would be a recompilation
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, updates
+
+  with jax.set_mesh(mesh(kind)):
+    params = tree(kind, 0)
+    init, jitted_init = tx.init(params), jax.jit(tx.init)(params)
+    state, steps = init, []
+    for seed in range(1, 4):
+      params, state, updates = step(params, state, tree(kind, seed))
+      steps.append((params, state, updates))
+  return init, jitted_init, steps, len(traces)
+
+
+@pytest.mark.parametrize("kind, name", CASES)
+def test_state_types_and_shardings_stay_those_of_init_through_jitted_updates(kind, name):
+  init, _, steps, _ = trained(kind, name)
+  assert factors(init), "the test needs factored parameters"
+  for _, state, _ in steps:
+    assert types(state) == types(init)
+    assert_same_shardings(state, init)
+
+
+@pytest.mark.parametrize("kind, name", CASES)
+def test_init_under_jit_gives_the_state_of_eager_init(kind, name):
+  init, jitted_init, _, _ = trained(kind, name)
+  assert types(jitted_init) == types(init)
+  assert_same_shardings(jitted_init, init)
+
+
+@pytest.mark.parametrize("kind, name", CASES)
+def test_updates_keep_the_parameter_shardings_and_nothing_recompiles(kind, name):
+  _, _, steps, traces = trained(kind, name)
+  assert traces == 1  # three steps, crossing a refresh, compiled once
+  params, _, updates = steps[-1]
+  expected = tree(kind, 0)
+  for key, u in updates.items():
+    assert u.sharding.is_equivalent_to(expected[key].sharding, u.ndim), key
+    assert params[key].sharding.is_equivalent_to(expected[key].sharding, u.ndim), key
+    assert np.all(np.isfinite(np.asarray(u))), key
+
+
+def _bytes_on(device, tree) -> int:
+  return sum(
+    shard.data.nbytes
+    for leaf in jax.tree.leaves(tree)
+    for shard in leaf.addressable_shards
+    if shard.device == device
+  )
+
+
+@pytest.mark.parametrize("kind", ["explicit-2d", "auto-2d"])
+@pytest.mark.parametrize("name", aliases.ALIASES)
+def test_each_device_holds_at_most_1_5_times_its_share_of_the_state(kind, name):
+  _, _, steps, _ = trained(kind, name)
+  state = steps[-1][1]
+  total = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+  worst = max(_bytes_on(device, state) for device in jax.devices())
+  assert worst <= 1.5 * total / 8, worst / (total / 8)
+
+
+# -- the sharded run computes what one device computes -------------------------------------------
+
+# Factors full rank from the first gradient (square kernels, or only the short side factored), so
+# that every eigenbasis is unique and two runs can be compared entry by entry.
+WELL_CONDITIONED = {
+  "square": ((64, 64), P("fsdp", "tp")),
+  "transposed": ((32, 32), P("tp", "fsdp")),
+  "vector": ((64,), P("tp")),
+}
+
+
+NUMERICS = [
+  pytest.param("explicit-2d", "soap", id="soap-explicit-2d"),
+  pytest.param("explicit-2d", "shampoo", id="shampoo-explicit-2d"),
+  pytest.param("auto-2d", "eshampoo", id="eshampoo-auto-2d"),
+]
+
+
+@pytest.mark.parametrize("kind, name", NUMERICS)
+def test_a_sharded_run_equals_the_single_device_run(kind, name):
+  rng = np.random.default_rng(3)
+  values = [
+    {k: rng.standard_normal(s).astype(np.float32) for k, (s, _) in WELL_CONDITIONED.items()}
+    for _ in range(4)
+  ]
+  tx = optimizer(name, max_precond_dim=64)  # 64: every factor of WELL_CONDITIONED is square
+
+  def run(place):
+    params = place(values[0])
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for grads in values[1:]:  # a refresh at count 2
+      updates, state = step(place(grads), state, params)
+      params = optax.apply_updates(params, updates)
+    return jax.tree.map(np.asarray, params)
+
+  single = run(lambda t: jax.device_put(t, jax.devices()[0]))
+  m = mesh(kind)
+  with jax.set_mesh(m):
+    sharded = run(
+      lambda t: {
+        k: jax.device_put(v, NamedSharding(m, WELL_CONDITIONED[k][1])) for k, v in t.items()
+      }
+    )
+  start = values[0]
+  for key in start:
+    change = single[key] - start[key]
+    error = np.linalg.norm(sharded[key] - single[key]) / np.linalg.norm(change)
+    assert error < 1e-5, (key, error)
+
+
+# -- optax's own sharding checks, run on soap_optax's optimizers --------------------------------
+
+
+@pytest.mark.parametrize("name", aliases.ALIASES)
+def test_optax_sharding_checks_pass(name):
+  """The checks of optax/_src/sharding_test.py: abstract init, and state types that init,
+  update and their jitted versions agree on, for float16 parameters sharded on an explicit mesh."""
+  tx = aliases.ALIASES[name](learning_rate=1.0)
+  assert tx.init(jax.ShapeDtypeStruct(shape=(2, 4, 8), dtype=jnp.float32)) is not None
+  m = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(m):
+    params = jnp.zeros((2, 8, 4), jnp.float16, out_sharding=NamedSharding(m, P(None, "x")))
+    state0, state1 = tx.init(params), jax.jit(tx.init)(params)
+    _, state2 = tx.update(params, state0, params)
+    _, state3 = jax.jit(tx.update)(params, state0, params)
+  assert types(state1) == types(state0)
+  assert types(state2) == types(state0)
+  assert types(state3) == types(state2)
