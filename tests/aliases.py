@@ -2,8 +2,6 @@
 
 Every alias follows the same conventions: ``learning_rate`` comes first, invalid arguments raise
 ``ValueError`` at construction, and the first call to ``update`` only initialises (zero update).
-Aliases that the library does not export (yet) are left out, so that parametrized tests cover
-each new one as soon as it lands.
 """
 
 from __future__ import annotations
@@ -11,16 +9,19 @@ from __future__ import annotations
 import functools
 import inspect
 
+import chex
 import jax
 import optax
 import pytest
 
 import soap_optax
 
-# Every alias the library exports or will export, in the order the tests list them.
-_KNOWN = ("soap", "shampoo", "eigen_adafactor", "eshampoo")
-
-ALIASES = {name: getattr(soap_optax, name) for name in _KNOWN if hasattr(soap_optax, name)}
+ALIASES = {
+  "soap": soap_optax.soap,
+  "shampoo": soap_optax.shampoo,
+  "eigen_adafactor": soap_optax.eigen_adafactor,
+  "eshampoo": soap_optax.eshampoo,
+}
 
 # The numeric hyperparameters that optax.inject_hyperparams can turn into state.
 NUMERIC = ("learning_rate", "b1", "b2", "eps", "weight_decay")
@@ -28,8 +29,8 @@ NUMERIC = ("learning_rate", "b1", "b2", "eps", "weight_decay")
 # Small, valid settings shared by all aliases: a refresh every third update, so that short runs
 # cross several refreshes; an axis limit that leaves some axes of the test shapes unrotated; and
 # numeric hyperparameters that differ from every alias's defaults, so that a test can see whether
-# they are used. Arguments an alias does not take are dropped (see `kwargs_for`).
-_COMMON_SMALL = dict(
+# they are used.
+SMALL = dict(
   learning_rate=1e-2,
   b1=0.9,
   b2=0.99,
@@ -38,13 +39,15 @@ _COMMON_SMALL = dict(
   precondition_frequency=3,
   max_precond_dim=5,
 )
+# Its numeric hyperparameters.
+SMALL_NUMERIC = {k: v for k, v in SMALL.items() if k in NUMERIC}
 
-# Per-alias additions to or replacements of `_COMMON_SMALL`.
-_SMALL = {
-  "soap": dict(),
-  "shampoo": dict(),
-  "eigen_adafactor": dict(),
-  "eshampoo": dict(),
+# Where each alias keeps moments shaped like the parameters: {state type: its fields}.
+PARAMETER_SHAPED = {
+  soap_optax.RotatedAdamState: ("mu", "nu"),
+  soap_optax.RotatedAdafactorState: ("mu",),
+  soap_optax.EigenvalueCorrectedState: ("mu", "nu"),
+  soap_optax.ShampooPreconditionState: ("mu", "graft_nu"),
 }
 
 
@@ -53,47 +56,32 @@ def parameters(name: str) -> tuple[str, ...]:
   return tuple(inspect.signature(ALIASES[name]).parameters)
 
 
-def accepts(name: str, argument: str) -> bool:
-  return argument in parameters(name)
-
-
-def require(name: str, *arguments: str) -> None:
-  """Skips the calling test when alias ``name`` lacks one of ``arguments``."""
-  missing = [a for a in arguments if not accepts(name, a)]
-  if missing:
-    pytest.skip(f"{name} has no argument {', '.join(missing)}")
-
-
-def kwargs_for(name: str, **overrides) -> dict:
-  """The small settings of alias ``name`` with ``overrides``, restricted to its arguments."""
-  kwargs = {**_COMMON_SMALL, **_SMALL.get(name, {}), **overrides}
-  return {k: v for k, v in kwargs.items() if accepts(name, k)}
-
-
-def numeric_hyperparams(name: str) -> dict:
-  """The numeric hyperparameters of alias ``name``, with their small (non-default) values."""
-  return {k: v for k, v in kwargs_for(name).items() if k in NUMERIC}
-
-
 def make(name: str, **overrides) -> optax.GradientTransformation:
-  """Alias ``name`` built with its small settings and ``overrides``."""
-  return ALIASES[name](**kwargs_for(name, **overrides))
+  """Alias ``name`` built with the small settings and ``overrides``."""
+  return ALIASES[name](**{**SMALL, **overrides})
 
 
 def make_default(name: str, **kwargs) -> optax.GradientTransformation:
-  """Alias ``name`` with its own defaults, but for those of ``kwargs`` that it takes."""
-  return ALIASES[name](**{k: v for k, v in kwargs.items() if accepts(name, k)})
+  """Alias ``name`` with its own defaults, but for ``kwargs``."""
+  return ALIASES[name](**kwargs)
 
 
-def stepper(tx: optax.GradientTransformation):
-  """A jitted ``(params, state, grads) -> (params, state, updates)`` step of ``tx``."""
+def stepper(tx: optax.GradientTransformation, *, traced_once_as: str | None = None):
+  """A jitted ``(params, state, grads) -> (params, state, updates)`` step of ``tx``.
 
-  @jax.jit
+  With ``traced_once_as`` the step is wrapped in ``chex.assert_max_traces(n=1)`` under that
+  (unique) name: a second trace, i.e. a recompilation, raises an ``AssertionError``. (chex counts
+  traces per function name and definition site, so the name must be unique in the session.)
+  """
+
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state, updates
 
-  return step
+  if traced_once_as is not None:
+    step.__name__ = step.__qualname__ = traced_once_as
+    step = chex.assert_max_traces(step, n=1)
+  return jax.jit(step)
 
 
 @functools.cache
@@ -101,10 +89,11 @@ def reference(name: str):
   """``(tx, step)``: alias ``name`` with its small settings and its jitted step.
 
   Shared by all test modules so that each alias is compiled once; call the step only with
-  float32 trees of the same shapes (tests that need other shapes build their own).
+  float32 trees of the same shapes (tests that need other shapes build their own): the step
+  raises if it is ever traced a second time.
   """
   tx = make(name)
-  return tx, stepper(tx)
+  return tx, stepper(tx, traced_once_as=f"reference_step_of_{name}")
 
 
 def inner_state(state):
@@ -114,10 +103,26 @@ def inner_state(state):
   return state
 
 
-def find_states(state, cls) -> list:
-  """Every sub-state of type ``cls`` (e.g. ``soap_optax.EigenbasisState``) in ``state``."""
-  found = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, cls))
-  return [s for s in found if isinstance(s, cls)]
+def sub_states(state, cls) -> list:
+  """Every sub-state of NamedTuple type ``cls`` in ``state`` (found by optax's tree helper)."""
+  found = [value for _, value in optax.tree.get_all_with_path(state, cls.__name__)]
+  assert all(isinstance(value, cls) for value in found), found
+  return found
+
+
+def parameter_shaped_moments(state) -> list[tuple[str, object]]:
+  """``(label, tree)`` for every moment of ``state`` that is shaped like the parameters.
+
+  Moments a configuration does not keep (``optax.EmptyState()``) are left out.
+  """
+  found = []
+  for cls, fields in PARAMETER_SHAPED.items():
+    for sub in sub_states(state, cls):
+      for field in fields:
+        value = getattr(sub, field)
+        if not isinstance(value, optax.EmptyState):
+          found.append((f"{cls.__name__}.{field}", value))
+  return found
 
 
 # One pytest parameter per alias, named after it.

@@ -1,7 +1,13 @@
-"""Runs an optax optimizer and an oracle over the same gradients, and compares the results."""
+"""Runs an optax optimizer and an oracle over the same gradients, and compares the results.
+
+The comparisons here fail on any NaN: NumPy's ``assert_allclose`` and ``assert_array_equal`` (and
+chex's tree versions, built on them) count a NaN as equal to a NaN, so two runs broken the same
+way would agree.
+"""
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,10 +38,65 @@ def run_oracle(oracle, params, grads):
 
 
 def cumulative_update_errors(start, ours, reference):
-  """Per parameter, ‖Δours − Δreference‖ / ‖Δreference‖ of the total change from ``start``."""
+  """Per parameter, ‖Δours − Δreference‖ / ‖Δreference‖ of the total change from ``start``.
+
+  An error that is not a finite number (a NaN or Inf in either run) is reported as ``inf``, so
+  that ``max(errors.values()) < tol`` fails on it: Python's ``max`` would skip a NaN that is not
+  its first argument. Where the reference does not move at all the error is 0 if ours does not
+  either, else ``inf``.
+  """
   errors = {}
   for name in start:
-    want = reference[name] - start[name]
+    want = np.asarray(reference[name], np.float64) - start[name]
     got = np.asarray(ours[name], np.float64) - start[name]
-    errors[name] = np.linalg.norm(got - want) / np.linalg.norm(want)
+    miss, scale = np.linalg.norm(got - want), np.linalg.norm(want)
+    if scale == 0 and miss == 0:
+      errors[name] = 0.0
+    else:
+      with np.errstate(divide="ignore", invalid="ignore"):
+        error = float(miss / scale)
+      errors[name] = error if np.isfinite(error) else np.inf
   return errors
+
+
+def assert_updates_close(start, ours, reference, tol):
+  """Asserts every parameter's cumulative update error is below ``tol`` (fails on NaN/Inf)."""
+  errors = cumulative_update_errors(start, ours, reference)
+  assert errors, "no parameters to compare"
+  bad = {name: error for name, error in errors.items() if not error < tol}
+  assert not bad, f"errors above {tol}: {bad} (all: {errors})"
+
+
+def _assert_no_nan(*arrays, err_msg=""):
+  for x in arrays:
+    x = np.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.floating):  # bfloat16 too, which NumPy does not count
+      assert not np.any(np.isnan(x.astype(np.float64))), f"NaN in {x!r} {err_msg}"
+
+
+def assert_close(actual, desired, *, rtol=0.0, atol=0.0, err_msg=""):
+  """``np.testing.assert_allclose`` between finite arrays: fails on any NaN or Inf."""
+  actual, desired = (np.asarray(x, np.float64) for x in (actual, desired))
+  assert np.all(np.isfinite(actual)) and np.all(np.isfinite(desired)), (
+    f"non-finite values: {actual!r} vs {desired!r} {err_msg}"
+  )
+  np.testing.assert_allclose(actual, desired, rtol=rtol, atol=atol, err_msg=err_msg)
+
+
+def assert_equal(actual, expected, err_msg=""):
+  """``np.testing.assert_array_equal`` for which a NaN equals nothing."""
+  _assert_no_nan(actual, expected, err_msg=err_msg)
+  np.testing.assert_array_equal(actual, expected, err_msg=err_msg)
+
+
+def assert_trees_close(actual, expected, *, rtol=0.0, atol=0.0):
+  """``chex.assert_trees_all_close`` between trees of finite values (fails on NaN or Inf)."""
+  chex.assert_tree_all_finite((actual, expected))
+  chex.assert_trees_all_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def assert_trees_equal(actual, expected):
+  """``chex.assert_trees_all_equal`` for which a NaN equals nothing."""
+  for x in jax.tree.leaves((actual, expected)):
+    _assert_no_nan(x)
+  chex.assert_trees_all_equal(actual, expected)
