@@ -134,7 +134,14 @@ def storage_dtype(param_dtype, override=None) -> jnp.dtype:
 
 
 def parameter_name(path) -> str:
-  """A parameter's path as ``"a/b/0"``: the key prefix of its factors in the state."""
+  """A parameter's path as ``"a/b/0"``: the key prefix of its factors in the state.
+
+  A trailing ``.value`` is dropped: it is the attribute of a wrapper around the array (Flax's
+  ``nnx.Variable``), which ``nnx.Optimizer`` passes to ``init`` but not to ``update`` (there the
+  arrays are bare), so the parameter is named the same in both.
+  """
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    path = path[:-1]
   return jax.tree_util.keystr(path, simple=True, separator="/")
 
 

@@ -324,9 +324,6 @@ def eigenbasis_refresh(
     An ``optax.GradientTransformation`` to be placed after :func:`~soap_optax.kronecker_stats`.
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import soap_optax
     >>> rule = soap_optax.LayoutRule()
     >>> tx = optax.chain(
     ...   soap_optax.kronecker_stats(0.95, layout=rule),

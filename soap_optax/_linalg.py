@@ -186,6 +186,29 @@ def is_stale(matrix: Array, estimates: Array, tolerance, padding: Array | float 
   return off > jnp.square(tolerance) * (total - padding)
 
 
+def orthonormalize(matrix: Array) -> Array:
+  """The ``Q`` of the QR decomposition of every matrix in a ``(…, n, n)`` stack.
+
+  On GPUs JAX lowers a batched QR to cuBLAS' batched ``geqrf``, which is made for tiny
+  matrices: on an H200 (jax 0.11.2) 12 matrices of 1536 × 1536 took 8.2 s that way against
+  88 ms for one cuSOLVER QR after another, so there the stack is looped. On CPU (LAPACK, one
+  matrix at a time either way) and TPU the batched form is kept. The choice is made when the
+  program is lowered for its platform; the compiled program has no branch.
+  """
+  if matrix.ndim == 2:
+    return jnp.linalg.qr(matrix)[0]
+  stack = matrix.reshape(-1, *matrix.shape[-2:])
+
+  def looped(m):
+    return lax.map(lambda a: jnp.linalg.qr(a)[0], m)
+
+  def batched(m):
+    return jnp.linalg.qr(m)[0]
+
+  q = lax.platform_dependent(stack, cuda=looped, rocm=looped, default=batched)
+  return q.reshape(matrix.shape)
+
+
 def sorted_power_step(product: Array, estimates: Array) -> tuple[Array, Array]:
   """SOAP's refresh: order the old basis by its estimates, one power step ``L Q``, then QR.
 
@@ -194,7 +217,7 @@ def sorted_power_step(product: Array, estimates: Array) -> tuple[Array, Array]:
   the diagonal statistics held in the basis can follow with the same permutation.
   """
   order = jnp.argsort(-estimates, axis=-1, stable=True).astype(jnp.int32)
-  basis, _ = jnp.linalg.qr(jnp.take_along_axis(product, order[..., None, :], axis=-1))
+  basis = orthonormalize(jnp.take_along_axis(product, order[..., None, :], axis=-1))
   return basis, order
 
 
@@ -218,7 +241,7 @@ def warm_qr_iterations(
   def body(carry):
     i, q, product, estimates, stale = carry
     go = going(i, stale)
-    q = jnp.where(go[..., None, None], jnp.linalg.qr(product)[0], q)
+    q = jnp.where(go[..., None, None], orthonormalize(product), q)
     product, new_estimates, new_stale = measure(q)
     estimates = jnp.where(go[..., None], new_estimates, estimates)
     return i + go.astype(jnp.int32), q, product, estimates, jnp.where(go, new_stale, stale)

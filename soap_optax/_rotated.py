@@ -308,9 +308,6 @@ def rotated_adam(
     An ``optax.GradientTransformation`` placed after :func:`~soap_optax.eigenbasis_refresh`.
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import soap_optax
     >>> rule = soap_optax.LayoutRule()
     >>> tx = optax.chain(
     ...   soap_optax.kronecker_stats(0.95, layout=rule),
@@ -426,10 +423,7 @@ def rotated_adafactor(
     An ``optax.GradientTransformation`` placed after :func:`~soap_optax.eigenbasis_refresh`.
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import soap_optax
-    >>> rule = soap_optax.LayoutRule()
+    >>> rule = soap_optax.LayoutRule(max_precond_dim=1024)
     >>> tx = optax.chain(
     ...   soap_optax.kronecker_stats(0.95, layout=rule),
     ...   soap_optax.eigenbasis_refresh(10, layout=rule),
@@ -529,9 +523,6 @@ def eigenvalue_corrected(
     An ``optax.GradientTransformation`` placed after :func:`~soap_optax.eigenbasis_refresh`.
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import soap_optax
     >>> rule = soap_optax.LayoutRule()
     >>> tx = optax.chain(
     ...   soap_optax.kronecker_stats(0.95, layout=rule),

@@ -115,9 +115,6 @@ def shampoo_precondition(
     parameters).
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import soap_optax
     >>> rule = soap_optax.LayoutRule()
     >>> tx = optax.chain(
     ...   soap_optax.kronecker_stats(0.999, layout=rule),

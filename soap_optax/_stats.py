@@ -87,9 +87,6 @@ def kronecker_stats(
     An ``optax.GradientTransformation``.
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import soap_optax
     >>> rule = soap_optax.LayoutRule()
     >>> tx = soap_optax.kronecker_stats(0.9, layout=rule)
     >>> grads = {"w": jnp.ones((3, 2))}

@@ -514,6 +514,20 @@ def test_refreshed_bases_stay_orthonormal_over_many_steps(chain_run):
       assert_orthonormal(q, ORTHONORMAL_ATOL)
 
 
+def test_a_stack_is_orthonormalized_matrix_by_matrix():
+  """The refresh's QR of a (blocks, n, n) stack (looped on GPUs, batched elsewhere) is the QR of
+  each matrix on its own."""
+  from soap_optax import _linalg
+
+  stack = np.random.default_rng(3).standard_normal((2, 3, 5, 5)).astype(np.float32)
+  q = np.asarray(jax.jit(_linalg.orthonormalize)(stack))
+  assert q.shape == stack.shape
+  for index in np.ndindex(2, 3):
+    want = np.linalg.qr(stack[index].astype(np.float64))[0]
+    signs = np.sign(np.sum(q[index] * want, axis=0))  # QR is unique up to column signs
+    assert_close(q[index] * signs, want, rtol=0, atol=1e-5)
+
+
 def test_eigh_method_refreshes_to_the_exact_eigenbasis():
   stats_tx, basis_tx, _ = blocks(frequency=3, method="eigh")
   tx = optax.chain(stats_tx, basis_tx)

@@ -6,6 +6,8 @@ import doctest
 import importlib
 import pkgutil
 
+import jax.numpy as jnp
+import optax
 import pytest
 
 import soap_optax
@@ -36,7 +38,11 @@ DOCUMENTED = (
 @pytest.mark.parametrize("module", MODULES)
 def test_docstring_examples_run_and_print_what_they_show(module):
   mod = importlib.import_module(f"soap_optax.{module}")
-  result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  # The blocks' examples say that they assume these imports, rather than repeat them.
+  imports = {"jnp": jnp, "optax": optax, "soap_optax": soap_optax}
+  result = doctest.testmod(
+    mod, extraglobs=imports, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+  )
   assert result.failed == 0
 
 

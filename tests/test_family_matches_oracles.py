@@ -79,7 +79,8 @@ def test_shampoo_matches_oracle_in_float32():
   ours = run_optimizer(soap_optax.shampoo(**_library_kwargs(kwargs)), params, grads, jnp.float32)
   reference = run_oracle(ShampooOracle(**kwargs), params, grads)
   errors = cumulative_update_errors(params, ours, reference)
-  assert max(errors.values()) < 1e-3, errors
+  # Measured 6.8e-6 on this data (up to 3.8e-5 on other seeds: float32 inverse roots).
+  assert max(errors.values()) < 1e-4, errors
 
 
 EIGEN_ADAFACTOR = {
@@ -267,3 +268,23 @@ def test_shampoo_half_with_trace_scaling_equals_adafactor_in_its_eigenbasis(shap
   np.testing.assert_allclose(shampoo_step["w"], adafactor_step["w"], rtol=1e-9)
   np.testing.assert_allclose(shampoo_step["w"], claim["shampoo"], rtol=1e-9)
   np.testing.assert_allclose(adafactor_step["w"], claim["adafactor"], rtol=1e-9)
+
+
+@pytest.mark.parametrize("b1", [0.0, 0.9])
+def test_shampoo_s_first_real_step_has_the_norm_of_the_grafted_adam_step(b1):
+  """Distributed Shampoo debiases the filtered gradient by the number of real updates, so with
+  momentum the first step is full size (the initialising call, which only sets the bases, does not
+  count); at that step Adam's bias-corrected step is g / (|g| + ε), whose norm the graft gives."""
+  rng = np.random.default_rng(5)
+  params = {"w": rng.standard_normal((4, 3)).astype(np.float32)}
+  grads = [{"w": rng.standard_normal((4, 3)).astype(np.float32)} for _ in range(2)]
+  tx = soap_optax.shampoo(learning_rate=1.0, b1=b1, weight_decay=0.0)
+  state = tx.init(params)
+  steps = []
+  for g in grads:
+    updates, state = tx.update(g, state, params)
+    steps.append(np.asarray(updates["w"], np.float64))
+  index = next(i for i, u in enumerate(steps) if np.any(u != 0))
+  first, g = steps[index], grads[index]["w"].astype(np.float64)
+  graft_norm = np.linalg.norm(g / (np.abs(g) + 1e-8))
+  np.testing.assert_allclose(np.linalg.norm(first), graft_norm, rtol=1e-4)

@@ -18,7 +18,7 @@ def test_the_mesh_suite_passes_on_8_simulated_devices():
   env = dict(os.environ)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   env["SOAP_OPTAX_MESH_TESTS"] = "1"
-  command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "mesh"]
+  command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--durations=5", "mesh"]
   result = subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True)
   output = result.stdout + result.stderr
   assert result.returncode == 0, output[-20000:]

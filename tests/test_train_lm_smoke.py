@@ -1,7 +1,9 @@
-"""Smoke tests: the LM example trains in-process, its loss falls and it writes its outputs."""
+"""Smoke tests: the LM example trains in-process, its loss falls and it writes its outputs; it
+resumes exactly from its checkpoints; and it trains on a (simulated) device mesh."""
 
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -69,15 +71,25 @@ def test_adamw_through_command_line_flags(tmp_path):
   assert summary["config"]["max_files"] == 40
 
 
-def test_soap(tmp_path):
-  soap_optax = pytest.importorskip("soap_optax")
-  if getattr(soap_optax, "soap", None) is None:
-    pytest.skip("soap_optax.soap is not available yet")
-  config = train_lm.TrainConfig(optimizer="soap", learning_rate=0.01, out=str(tmp_path), **TINY)
+def test_soap_logs_its_diagnostics_and_plots_their_staleness(tmp_path):
+  config = train_lm.TrainConfig(
+    optimizer="soap", learning_rate=0.01, out=str(tmp_path), diagnostics_every=10, **TINY
+  )
   result = train_lm.train(config)
   _check_outputs(tmp_path, TINY["steps"])
   assert result.summary["optimizer"] == "soap"
-  assert len(result.history) == TINY["steps"] + 1
+  logged = [r for r in result.history if "diagnostics" in r]
+  assert [r["step"] for r in logged] == [10, 20, 30, 40]
+  for record in logged:
+    factors = record["diagnostics"]["factors"]
+    assert factors, "no factor diagnostics logged"
+    assert record["diagnostics"]["skipped_steps"] == 0
+    for key, factor in factors.items():
+      assert 0 <= factor["staleness"] < 1, key
+      # precondition_frequency 10: the first basis at step 1 (which takes no Adam step, as in the
+      # reference), then a refresh at steps 11, 21, 31.
+      assert factor["refreshes"] == 1 + (record["step"] - 1) // 10, key
+  assert os.path.getsize(os.path.join(tmp_path, "diagnostics.png")) > 0
 
 
 def test_unknown_optimizer_is_rejected():
@@ -88,13 +100,89 @@ def test_unknown_optimizer_is_rejected():
 @pytest.mark.parametrize("name", train_lm.OPTIMIZERS)
 def test_make_optimizer_builds_and_updates(name):
   """Every optimizer the example offers builds from its flags and takes a finite step."""
-  if name in train_lm.SOAP_OPTIMIZERS:
-    soap_optax = pytest.importorskip("soap_optax")
-    if getattr(soap_optax, name, None) is None:
-      pytest.skip(f"soap_optax.{name} is not available yet")
   config = train_lm.TrainConfig(optimizer=name, steps=10, warmup_steps=2, refresh_tolerance=None)
   tx = train_lm.make_optimizer(config)
   params = {"w": jnp.ones((4, 3)), "b": jnp.zeros((3,))}
   grads = {"w": jnp.full((4, 3), 0.1), "b": jnp.full((3,), -0.1)}
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(updates))
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+def _restore_state(path):
+  """The params and optimizer state of one of the example's checkpoints, as a flat dict."""
+  import orbax.checkpoint as ocp
+
+  state = ocp.StandardCheckpointer().restore(os.path.join(path, "state"))
+  leaves, _ = jax.tree_util.tree_flatten_with_path(state)
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
+
+
+def _losses(result):
+  """Every step's (train loss, validation loss), None where a step has no such entry."""
+  return [(e.get("train_loss"), e.get("val_loss")) for e in result.history]
+
+
+def test_a_resumed_run_ends_exactly_as_the_uninterrupted_run(tmp_path):
+  """A run stopped after its checkpoint at step 8 and run again continues exactly.
+
+  The stop is simulated by moving the uninterrupted run's last checkpoint (step 12) away: the
+  directory then holds what a run killed between steps 8 and 12 leaves, and the metrics file
+  holds steps past the checkpoint, which the resumed run must replace.
+  """
+  checkpoints = tmp_path / "checkpoints"
+  settings = {**TINY, "steps": 12, "eval_every": 6}
+  config = train_lm.TrainConfig(
+    optimizer="soap",
+    out=str(tmp_path / "run"),
+    checkpoint_dir=str(checkpoints),
+    checkpoint_every=4,
+    **settings,
+  )
+  full = train_lm.train(config)
+  os.rename(checkpoints / "12", tmp_path / "uninterrupted")
+  resumed = train_lm.train(config)
+
+  assert resumed.summary["start_step"] == 8
+  assert all(np.isfinite(v) for pair in _losses(full) for v in pair if v is not None)
+  assert _losses(resumed) == _losses(full)
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    assert [json.loads(line)["step"] for line in f] == list(range(13))
+  uninterrupted = _restore_state(tmp_path / "uninterrupted")
+  final = _restore_state(checkpoints / "12")
+  assert sorted(final) == sorted(uninterrupted) and any("opt_state" in k for k in final)
+  for key, value in uninterrupted.items():
+    np.testing.assert_array_equal(final[key], value, err_msg=key)
+
+
+# -- device mesh -----------------------------------------------------------------------------
+
+TRAIN_LM = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "train_lm.py")
+
+
+def test_a_run_on_a_simulated_mesh_trains_with_a_sharded_optimizer_state(tmp_path):
+  """The README's mesh command, shortened, on 8 simulated CPU devices in a fresh process."""
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  }
+  flags = {**TINY, "steps": 20, "log_every": 10}
+  argv = [TRAIN_LM, "--optimizer=soap", "--mesh=fsdp:4,tp:2", f"--out={tmp_path}", "--noprogress"]
+  argv += [f"--{k}={v}" for k, v in flags.items() if k != "progress"]
+  result = subprocess.run(
+    [sys.executable, *argv], env=env, capture_output=True, text=True, timeout=600
+  )
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+  with open(os.path.join(tmp_path, "summary.json")) as f:
+    summary = json.load(f)
+  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+    train = [r["train_loss"] for r in map(json.loads, f) if "train_loss" in r]
+  assert len(train) == 20 and np.all(np.isfinite(train))
+  assert np.mean(train[-5:]) < np.mean(train[:3]) - 0.3
+  assert summary["sharding"]["mesh"] == {"fsdp": 4, "tp": 2}
+  state = summary["sharding"]["optimizer_state"]
+  assert 0 < state["max_bytes_per_device"] <= 1.5 * state["bytes"] / 8

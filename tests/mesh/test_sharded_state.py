@@ -99,16 +99,27 @@ def factors(state):
   return list(stats.stats)
 
 
+def shardings(tree):
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def is_auto(kind: str) -> bool:
+  return MESHES[kind][2] == AxisType.Auto
+
+
 @functools.cache
 def trained(kind: str, name: str):
   """Init (eager and jitted), then three jitted steps (a refresh at count 2) on ``kind``'s mesh.
 
-  Shared by the tests of one (mesh, alias) pair, so that each pair compiles its step once.
+  Shared by the tests of one (mesh, alias) pair, so that each pair compiles its step once. On an
+  automatic mesh the step is jitted as one is there: its outputs pinned (``out_shardings``) to
+  the shardings of the parameters and of the eagerly initialised state. (Without them XLA picks
+  the outputs' shardings, for optax's own optimizers too: under ``jax.jit``, ``optax.adam``'s
+  init replicates moments that its eager init shards like their parameters.)
   """
   tx = optimizer(name)
   traces = []
 
-  @jax.jit
   def step(params, state, grads):
     traces.append(1)  # runs once per trace: a second one would be a recompilation
     updates, state = tx.update(grads, state, params)
@@ -117,6 +128,8 @@ def trained(kind: str, name: str):
   with jax.set_mesh(mesh(kind)):
     params = tree(kind, 0)
     init, jitted_init = tx.init(params), jax.jit(tx.init)(params)
+    pinned = (shardings(params), shardings(init), shardings(params))
+    step = jax.jit(step, out_shardings=pinned if is_auto(kind) else None)
     state, steps = init, []
     for seed in range(1, 4):
       params, state, updates = step(params, state, tree(kind, seed))
@@ -135,15 +148,20 @@ def test_state_types_and_shardings_stay_those_of_init_through_jitted_updates(kin
 
 @pytest.mark.parametrize("kind, name", CASES)
 def test_init_under_jit_gives_the_state_of_eager_init(kind, name):
+  """Same types (on an explicit mesh they carry the shardings); on an automatic mesh, where the
+  types carry none, the placement of a jitted init is XLA's choice (see `trained`)."""
   init, jitted_init, _, _ = trained(kind, name)
   assert types(jitted_init) == types(init)
-  assert_same_shardings(jitted_init, init)
+  if not is_auto(kind):
+    assert_same_shardings(jitted_init, init)
 
 
 @pytest.mark.parametrize("kind, name", CASES)
 def test_updates_keep_the_parameter_shardings_and_nothing_recompiles(kind, name):
   _, _, steps, traces = trained(kind, name)
-  assert traces == 1  # three steps, crossing a refresh, compiled once
+  # Three steps, crossing a refresh, traced once; and since the parameters and the state leave
+  # each step sharded as they entered it (this test and the one above), compiled once.
+  assert traces == 1
   params, _, updates = steps[-1]
   expected = tree(kind, 0)
   for key, u in updates.items():
@@ -173,11 +191,14 @@ def test_each_device_holds_at_most_1_5_times_its_share_of_the_state(kind, name):
 
 # -- the sharded run computes what one device computes -------------------------------------------
 
-# Factors full rank from the first gradient (square kernels, or only the short side factored), so
-# that every eigenbasis is unique and two runs can be compared entry by entry.
+# Only the short side of each kernel is factored (max_precond_dim 16), and it is four times
+# shorter than the other: its statistic is a well-conditioned Wishart matrix from the first
+# gradient on (eigenvalues of G Gᵀ / 64 within [0.25, 2.25]), so every eigenbasis is unique up
+# to signs, its eigenvalues are apart, and two runs that differ by the order of their float32
+# sums (a sharded contraction adds in another order) stay within float32's noise.
 WELL_CONDITIONED = {
-  "square": ((64, 64), P("fsdp", "tp")),
-  "transposed": ((32, 32), P("tp", "fsdp")),
+  "wide": ((16, 64), P("fsdp", "tp")),
+  "tall": ((64, 16), P("tp", "fsdp")),
   "vector": ((64,), P("tp")),
 }
 
@@ -196,7 +217,7 @@ def test_a_sharded_run_equals_the_single_device_run(kind, name):
     {k: rng.standard_normal(s).astype(np.float32) for k, (s, _) in WELL_CONDITIONED.items()}
     for _ in range(4)
   ]
-  tx = optimizer(name, max_precond_dim=64)  # 64: every factor of WELL_CONDITIONED is square
+  tx = optimizer(name, max_precond_dim=16)
 
   def run(place):
     params = place(values[0])
