@@ -180,13 +180,39 @@ def sample_windows(
   return data[starts[:, None] + np.arange(window)].astype(np.int32)
 
 
-def batch_iterator(
-  data: np.ndarray, batch_size: int, seq_len: int, seed: int
-) -> Iterator[np.ndarray]:
-  """Yields an endless stream of random windows, reproducible from `seed`."""
-  rng = np.random.default_rng(seed)
-  while True:
-    yield sample_windows(data, batch_size, seq_len, rng)
+class BatchStream(Iterator[np.ndarray]):
+  """An endless stream of random windows, reproducible from `seed` and resumable.
+
+  `position()` is the stream's place (the state of its random generator, a JSON-serialisable
+  dict); a stream built with `position=` continues exactly where that one was, which is what a
+  checkpoint of a training run stores.
+  """
+
+  def __init__(
+    self,
+    data: np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    position: dict | None = None,
+  ):
+    self.data = data
+    self.batch_size = batch_size
+    self.seq_len = seq_len
+    self._rng = np.random.default_rng(seed)
+    if position is not None:
+      self._rng.bit_generator.state = position
+
+  def __next__(self) -> np.ndarray:
+    return sample_windows(self.data, self.batch_size, self.seq_len, self._rng)
+
+  def position(self) -> dict:
+    return self._rng.bit_generator.state
+
+
+def batch_iterator(data: np.ndarray, batch_size: int, seq_len: int, seed: int) -> BatchStream:
+  """An endless stream of random windows, reproducible from `seed` (see `BatchStream`)."""
+  return BatchStream(data, batch_size, seq_len, seed)
 
 
 def fixed_batches(

@@ -9,10 +9,12 @@ case Kronecker-factored optimizers such as SOAP precondition.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +110,50 @@ class Transformer(nnx.Module):
       x = block(x)
     # Tying the output head to the embedding saves a vocab x d_model matrix.
     return self.embed.attend(self.ln_f(x))
+
+
+# ----------------------------------------------------------------------------
+# Sharding.
+
+# The mesh axes the sharding rule knows. Any other axis (e.g. `data`) only divides the batch.
+FSDP = "fsdp"  # divides the batch and the parameters (FSDP / ZeRO-3)
+TP = "tp"  # divides the kernels' wide dimension (Megatron-style tensor parallelism)
+# Kernels that map the wide (TP-divided) activations back to d_model: Megatron's row-parallel
+# layers. The other kernels (`qkv`, `up`) are column-parallel.
+ROW_PARALLEL = frozenset({"out", "down"})
+
+
+def partition_spec(
+  path: Sequence[str], shape: Sequence[int], mesh_shape: Mapping[str, int]
+) -> PartitionSpec:
+  """How the parameter at `path` (e.g. `("blocks", "0", "mlp", "up", "kernel")`) is sharded.
+
+  The rule, for a mesh with a `fsdp` and/or a `tp` axis:
+
+  - column-parallel kernels (`attn.qkv`, `mlp.up`; d_model -> wider): `P(fsdp, tp)`;
+  - row-parallel kernels (`attn.out`, `mlp.down`; back to d_model): `P(tp, fsdp)`;
+  - the byte embedding (256 x d_model, also the tied output head): `P(tp, fsdp)`, so the
+    vocabulary (the logits) is divided over `tp`;
+  - the position embedding (max_len x d_model): `P(None, fsdp)`;
+  - 1-D parameters (biases, LayerNorm scales and offsets): replicated; they are tiny.
+
+  A mesh axis that the mesh lacks, or whose size does not divide the dimension, is left out
+  (that dimension is replicated), so every mesh gives a valid sharding.
+  """
+  if len(shape) != 2:
+    wanted: tuple[str | None, ...] = (None,) * len(shape)
+  elif path[-1] == "pos_embed":
+    wanted = (None, FSDP)
+  elif path[-1] == "embedding" or (len(path) > 1 and path[-2] in ROW_PARALLEL):
+    wanted = (TP, FSDP)
+  else:
+    wanted = (FSDP, TP)
+  return PartitionSpec(
+    *(
+      axis if axis in mesh_shape and n % mesh_shape[axis] == 0 else None
+      for axis, n in zip(wanted, shape, strict=True)
+    )
+  )
 
 
 def count_params(params) -> int:

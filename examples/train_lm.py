@@ -14,6 +14,28 @@ Outputs in `--out`: `metrics.jsonl` (one JSON object per step), `loss.png`
 (train/validation loss against steps and against wall-clock) and
 `summary.json` (final losses, timings and the full configuration).
 
+Checkpoints (`--checkpoint_dir`, needs orbax-checkpoint): every
+`--checkpoint_every` steps the parameters, the optimizer state, the step, the
+training-data stream's position and the elapsed training time are saved with
+orbax; running the same command again resumes from the latest checkpoint and
+continues exactly as the uninterrupted run would have (same batches, same
+numbers). The metrics already in `--out` up to that step are kept.
+
+Device mesh (`--mesh=fsdp:4,tp:2`): the parameters are sharded by the rule of
+`lm_model.partition_spec` (FSDP over `fsdp`, Megatron-style tensor parallelism
+over `tp`), the batch over every axis but `tp`, and the soap_optax optimizers
+spread their statistics and bases over the mesh themselves. On CPU the example
+asks jax for as many simulated devices as the mesh needs when it can (before
+jax has started); otherwise set
+`XLA_FLAGS=--xla_force_host_platform_device_count=8` before starting Python.
+
+Diagnostics (`--diagnostics_every=N`, soap_optax optimizers only): every N
+steps `soap_optax.diagnostics` reads the optimizer state; each factor's
+staleness, refresh count, QR iterations and eigenvalue spread (the worst block
+of each) and the count of skipped non-finite steps go into that step's line of
+`metrics.jsonl` under `"diagnostics"`, and `diagnostics.png` plots every
+factor's staleness over training.
+
 Timing convention: `wall_time` is the cumulative time spent inside training
 steps. XLA compilation happens ahead of time, before the first step, and is
 reported separately as `compile_time_s`; evaluation time is also excluded and
@@ -22,6 +44,7 @@ reported as `eval_time_s`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -38,8 +61,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 # Importable both as a script (`python examples/train_lm.py`) and from tests or
 # benchmarks that put this directory on sys.path.
@@ -93,6 +117,10 @@ class TrainConfig:
   val_fraction: float = 0.1
   out: str | None = "runs/train_lm"
   progress: bool = True
+  checkpoint_dir: str | None = None
+  checkpoint_every: int = 100
+  mesh: str | None = None
+  diagnostics_every: int = 0
 
 
 @dataclasses.dataclass
@@ -188,20 +216,40 @@ def make_model(config: TrainConfig) -> lm_model.Transformer:
   return lm_model.Transformer(model_config, rngs=nnx.Rngs(config.seed))
 
 
-def make_loss_fn(graphdef):
-  """Mean next-byte cross-entropy (nats per byte) as a pure function of params."""
+def make_loss_fn(graphdef, mesh: jax.sharding.Mesh | None = None):
+  """Mean next-byte cross-entropy (nats per byte) as a pure function of params.
+
+  On a mesh (explicit sharding, where every operation must know the sharding of
+  its result), the model, written for one device, runs in an automatic-sharding
+  region: XLA's partitioner decides how to split the computation (gathering the
+  FSDP-sharded kernels as it needs them), and the loss comes out replicated.
+  Parameters, gradients, batch and optimizer state keep their explicit shardings.
+  """
 
   def loss_fn(params, batch):
     model = nnx.merge(graphdef, params)
     logits = model(batch[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
-  return loss_fn
+  if mesh is None:
+    return loss_fn
+  return jax.sharding.auto_axes(loss_fn, out_sharding=PartitionSpec())
 
 
 def _global_norm(tree) -> jax.Array:
   # Written out rather than via optax, whose name for this moved between versions.
-  return jnp.sqrt(sum(jnp.vdot(x, x) for x in jax.tree.leaves(tree)))
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def step_metrics(loss, grads, opt_state) -> dict[str, jax.Array]:
+  """The numbers each step reports, computed inside the compiled step.
+
+  Every entry becomes a field of the step's line in metrics.jsonl (`loss` as
+  `train_loss`), so a new metric, e.g. one read from the optimizer state, is one
+  more entry here.
+  """
+  del opt_state  # Nothing is read from it yet.
+  return {"loss": loss, "grad_norm": _global_norm(grads)}
 
 
 def make_train_step(loss_fn, tx: optax.GradientTransformation):
@@ -218,9 +266,163 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss, "grad_norm": _global_norm(grads)}
+    return params, opt_state, step_metrics(loss, grads, opt_state)
 
   return train_step
+
+
+def make_diagnostics_fn():
+  """A jitted ``opt_state -> {"factors": {key: {...}}, "skipped_steps": n}`` for logging.
+
+  Each factor's blocks are reduced to the worst one (largest staleness and spread, fewest
+  refreshes), so that a line of metrics.jsonl stays short whatever the blocking.
+  """
+  import soap_optax
+
+  @jax.jit
+  def read(opt_state):
+    report = soap_optax.diagnostics(opt_state)
+    factors = {
+      key: {
+        "staleness": jnp.max(f.staleness),
+        "refreshes": jnp.min(f.refreshes),
+        "qr_iterations": jnp.max(f.qr_iterations),
+        "eigenvalue_spread": jnp.max(f.eigenvalue_spread),
+      }
+      for key, f in report.factors.items()
+    }
+    return {"factors": factors, "skipped_steps": report.skipped_steps}
+
+  return read
+
+
+def diagnostics_entry(read, opt_state) -> dict[str, Any]:
+  """`read(opt_state)` as JSON-ready Python numbers."""
+  report = jax.device_get(read(opt_state))
+  return {
+    "factors": {k: {n: float(v) for n, v in f.items()} for k, f in report["factors"].items()},
+    "skipped_steps": int(report["skipped_steps"]),
+  }
+
+
+# ----------------------------------------------------------------------------
+# Device mesh.
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+  """`"fsdp:4,tp:2"` -> `{"fsdp": 4, "tp": 2}` (mesh axis names and sizes, in order)."""
+  axes: dict[str, int] = {}
+  for item in spec.split(","):
+    name, sep, size = item.strip().partition(":")
+    if not sep or not name or not size.strip().isdigit() or int(size) < 1 or name in axes:
+      raise ValueError(f"--mesh must look like 'fsdp:4,tp:2' (distinct names), got {spec!r}.")
+    axes[name] = int(size)
+  return axes
+
+
+def request_cpu_devices(count: int) -> None:
+  """Asks jax for `count` simulated CPU devices, if that can still be done.
+
+  Only possible before jax has started its backends (before the first array is
+  made), and not needed when XLA_FLAGS already sets the device count.
+  """
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return
+  with contextlib.suppress(RuntimeError):  # jax has started: keep what it has.
+    jax.config.update("jax_num_cpu_devices", count)
+
+
+def make_mesh(spec: str) -> jax.sharding.Mesh:
+  """The device mesh `--mesh` describes, with jax's default (explicit) axis types."""
+  axes = parse_mesh(spec)
+  count = math.prod(axes.values())
+  request_cpu_devices(count)
+  devices = jax.devices()
+  if len(devices) < count:
+    raise ValueError(
+      f"--mesh={spec} needs {count} devices, but jax has {len(devices)}. On CPU, start Python "
+      f"with XLA_FLAGS=--xla_force_host_platform_device_count={count}."
+    )
+  return jax.make_mesh(tuple(axes.values()), tuple(axes), devices=devices[:count])
+
+
+def shard_params(params, mesh: jax.sharding.Mesh):
+  """Places every parameter on the mesh by `lm_model.partition_spec`."""
+
+  def place(path, x):
+    names = jax.tree_util.keystr(path, simple=True, separator="/").split("/")
+    spec = lm_model.partition_spec(names, x.shape, dict(mesh.shape))
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+  return jax.tree_util.tree_map_with_path(place, params)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, batch_size: int) -> NamedSharding:
+  """Batches are divided over every mesh axis but the tensor-parallel one."""
+  axes = tuple(a for a in mesh.axis_names if a != lm_model.TP)
+  count = math.prod(mesh.shape[a] for a in axes)
+  if batch_size % count:
+    raise ValueError(f"--batch_size={batch_size} does not divide over {count} devices ({axes}).")
+  return NamedSharding(mesh, PartitionSpec(axes or None, None))
+
+
+def memory_per_device(tree) -> dict[str, int]:
+  """Bytes of `tree` in all and on its fullest device (replicated arrays count on each)."""
+  per_device: collections.Counter = collections.Counter()
+  for x in jax.tree.leaves(tree):
+    for shard in x.addressable_shards:
+      per_device[shard.device.id] += shard.data.nbytes
+  return {
+    "bytes": sum(int(x.nbytes) for x in jax.tree.leaves(tree)),
+    "max_bytes_per_device": max(per_device.values(), default=0),
+  }
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints.
+
+
+class Checkpoints:
+  """The run's checkpoints in `--checkpoint_dir`, through an orbax CheckpointManager.
+
+  A checkpoint holds the parameters and the optimizer state (restored with the
+  shardings of freshly initialised ones, so a run on a mesh resumes sharded) and,
+  as JSON, where the loop was: the step, the training-data stream's position and
+  the training time so far.
+  """
+
+  def __init__(self, directory: str, keep: int = 2):
+    import orbax.checkpoint as ocp  # Imported lazily: only runs with checkpoints need it.
+
+    self._ocp = ocp
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
+    self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, params, opt_state, loop: dict[str, Any]) -> None:
+    ocp = self._ocp
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+      loop=ocp.args.JsonSave(loop),
+    )
+    self._manager.save(step, args=args, force=True)
+
+  def restore(self, step: int, params, opt_state):
+    """`(params, opt_state, loop)` of checkpoint `step`; `params` and `opt_state` are templates."""
+    ocp = self._ocp
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      {"params": params, "opt_state": opt_state},
+    )
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore())
+    restored = self._manager.restore(step, args=args)
+    state = restored["state"]
+    return state["params"], state["opt_state"], restored["loop"]
+
+  def close(self) -> None:
+    self._manager.close()
 
 
 # ----------------------------------------------------------------------------
@@ -282,6 +484,31 @@ def plot_history(history: list[dict[str, Any]], path: str, title: str) -> None:
   plt.close(fig)
 
 
+def plot_diagnostics(history: list[dict[str, Any]], path: str, title: str) -> None:
+  """Plots each factor's staleness ‖B − diag B‖_F/‖B‖_F (B = QᵀLQ) against steps."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  logged = [r for r in history if "diagnostics" in r]
+  if not logged:
+    return
+  steps = [r["step"] for r in logged]
+  keys = sorted(logged[-1]["diagnostics"]["factors"])
+  fig, ax = plt.subplots(figsize=(7, 3.6))
+  for key in keys:
+    values = [r["diagnostics"]["factors"].get(key, {}).get("staleness", np.nan) for r in logged]
+    ax.plot(steps, values, linewidth=0.8, alpha=0.7)
+  ax.set_xlabel("step")
+  ax.set_ylabel("staleness (per factor)")
+  ax.set_title(f"{title}\n{len(keys)} factors; a refresh drops a factor's staleness", fontsize=9)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 # ----------------------------------------------------------------------------
 # Training loop.
 
@@ -294,8 +521,11 @@ def _log(message: str, progress_bar) -> None:
     print(message, flush=True)
 
 
-def init_training(config: TrainConfig):
+def init_training(config: TrainConfig, mesh: jax.sharding.Mesh | None = None):
   """Builds the model, optimizer and their state as plain pytrees.
+
+  With a mesh (which must be the context mesh, `jax.set_mesh`), the parameters
+  are sharded by `lm_model.partition_spec` and the optimizer state follows.
 
   Returns:
     (loss_fn, tx, params, opt_state), where `loss_fn(params, batch)` closes
@@ -303,12 +533,37 @@ def init_training(config: TrainConfig):
   """
   graphdef, state = nnx.split(make_model(config))
   params = nnx.to_pure_dict(state)
+  if mesh is not None:
+    params = shard_params(params, mesh)
   tx = make_optimizer(config)
   # Params and optimizer state are donated to the train step, and XLA refuses
   # to donate one buffer twice; copying every leaf guarantees distinct buffers
   # even if an optimizer's init shares one array between state entries.
   opt_state = jax.tree.map(jnp.copy, tx.init(params))
-  return make_loss_fn(graphdef), tx, params, opt_state
+  return make_loss_fn(graphdef, mesh), tx, params, opt_state
+
+
+# Options that may change between a run and its resumption without changing its numbers.
+_RESUMABLE_CHANGES = ("out", "progress", "checkpoint_dir", "checkpoint_every", "log_every")
+
+
+def _note_config_changes(saved: dict[str, Any], config: TrainConfig) -> None:
+  current = dataclasses.asdict(config)
+  changed = sorted(
+    k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k, current[k]) != current[k]
+  )
+  if changed:
+    print(f"note: resuming with changed options {changed}; the run will differ from one without.")
+
+
+def _earlier_history(out: str | None, step: int) -> list[dict[str, Any]]:
+  """The records up to `step` of the metrics.jsonl already in `out` (none if absent)."""
+  path = os.path.join(out, "metrics.jsonl") if out else None
+  if path is None or not os.path.exists(path):
+    return []
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return [r for r in records if r["step"] <= step]
 
 
 def train(config: TrainConfig, corpus: lm_data.Corpus | None = None) -> TrainResult:
@@ -322,6 +577,15 @@ def train(config: TrainConfig, corpus: lm_data.Corpus | None = None) -> TrainRes
   Returns:
     A `TrainResult` with the summary and the per-step metric history.
   """
+  with contextlib.ExitStack() as stack:
+    mesh = None
+    if config.mesh:
+      mesh = make_mesh(config.mesh)
+      stack.enter_context(jax.set_mesh(mesh))
+    return _train(config, corpus, mesh)
+
+
+def _train(config: TrainConfig, corpus: lm_data.Corpus | None, mesh) -> TrainResult:
   from tqdm.auto import tqdm
 
   t_start = time.perf_counter()
@@ -330,19 +594,40 @@ def train(config: TrainConfig, corpus: lm_data.Corpus | None = None) -> TrainRes
       config.corpus_dir, max_files=config.max_files, val_fraction=config.val_fraction
     )
   print(f"corpus: {corpus.describe()}", flush=True)
+  if mesh is not None:
+    print(f"mesh: {dict(mesh.shape)} over {mesh.size} {jax.default_backend()} devices", flush=True)
 
-  loss_fn, tx, params, opt_state = init_training(config)
+  loss_fn, tx, params, opt_state = init_training(config, mesh)
   num_params = lm_model.count_params(params)
-  train_batches = lm_data.batch_iterator(
-    corpus.train, config.batch_size, config.seq_len, seed=config.seed
+
+  # Resume from the latest checkpoint, if there is one.
+  checkpoints = Checkpoints(config.checkpoint_dir) if config.checkpoint_dir else None
+  start_step, data_position, wall_time = 0, None, 0.0
+  latest = checkpoints.latest_step() if checkpoints else None
+  if latest is not None:
+    params, opt_state, loop = checkpoints.restore(latest, params, opt_state)
+    start_step, data_position, wall_time = loop["step"], loop["data_position"], loop["wall_time"]
+    _note_config_changes(loop["config"], config)
+    print(f"resuming from the checkpoint of step {start_step} in {config.checkpoint_dir}")
+
+  if mesh is None:
+    put_batch = lambda batch: batch  # noqa: E731
+  else:
+    sharding = batch_sharding(mesh, config.batch_size)
+    put_batch = functools.partial(jax.device_put, device=sharding)
+  train_batches = lm_data.BatchStream(
+    corpus.train, config.batch_size, config.seq_len, seed=config.seed, position=data_position
   )
-  eval_data = lm_data.fixed_batches(
-    corpus.val, config.eval_batches, config.batch_size, config.seq_len, seed=EVAL_SEED
-  )
+  eval_data = [
+    put_batch(b)
+    for b in lm_data.fixed_batches(
+      corpus.val, config.eval_batches, config.batch_size, config.seq_len, seed=EVAL_SEED
+    )
+  ]
 
   # Compile ahead of time so that no step's timing includes XLA compilation.
   t0 = time.perf_counter()
-  batch = next(train_batches)
+  batch = put_batch(next(train_batches))
   train_step = make_train_step(loss_fn, tx).lower(params, opt_state, batch).compile()
   eval_step = jax.jit(loss_fn).lower(params, eval_data[0]).compile()
   compile_time = time.perf_counter() - t0
@@ -352,7 +637,15 @@ def train(config: TrainConfig, corpus: lm_data.Corpus | None = None) -> TrainRes
     flush=True,
   )
 
+  read_diagnostics = None
+  if config.diagnostics_every > 0:
+    if config.optimizer in SOAP_OPTIMIZERS:
+      read_diagnostics = make_diagnostics_fn()
+    else:
+      print(f"note: --diagnostics_every reads soap_optax states; ignored for {config.optimizer}.")
+
   eval_time = 0.0
+  checkpoint_time = 0.0
 
   def evaluate() -> float:
     nonlocal eval_time
@@ -361,26 +654,44 @@ def train(config: TrainConfig, corpus: lm_data.Corpus | None = None) -> TrainRes
     eval_time += time.perf_counter() - t
     return loss
 
+  def save_checkpoint(step: int) -> None:
+    # Called after step `step` and before the batch of the next one is drawn, so
+    # the data position saved is exactly where a resumed run must continue.
+    nonlocal checkpoint_time
+    t = time.perf_counter()
+    loop = {
+      "step": step,
+      "data_position": train_batches.position(),
+      "wall_time": wall_time,
+      "config": dataclasses.asdict(config),
+    }
+    checkpoints.save(step, params, opt_state, loop)
+    checkpoint_time += time.perf_counter() - t
+
   if config.out:
     os.makedirs(config.out, exist_ok=True)
-  history: list[dict[str, Any]] = []
-  wall_time = 0.0
+  history = _earlier_history(config.out, start_step) if start_step else []
   diverged = False
   with contextlib.ExitStack() as stack:
     metrics_file = None
     if config.out:
       metrics_file = stack.enter_context(open(os.path.join(config.out, "metrics.jsonl"), "w"))
+      for entry in history:  # A resumed run keeps the records up to its checkpoint.
+        metrics_file.write(json.dumps(entry) + "\n")
 
     def record(entry: dict[str, Any]) -> None:
       history.append(entry)
       if metrics_file is not None:
         metrics_file.write(json.dumps(entry) + "\n")
 
-    record({"step": 0, "wall_time": 0.0, "val_loss": evaluate()})
-    print(f"step {0:5d}  val {history[0]['val_loss']:.4f}", flush=True)
+    if start_step == 0:
+      record({"step": 0, "wall_time": 0.0, "val_loss": evaluate()})
+      print(f"step {0:5d}  val {history[0]['val_loss']:.4f}", flush=True)
     bar = stack.enter_context(
       tqdm(
-        range(1, config.steps + 1),
+        range(start_step + 1, config.steps + 1),
+        initial=start_step,
+        total=config.steps,
         # None lets tqdm hide the bar when stderr is not a terminal (e.g. logs).
         disable=None if config.progress else True,
         dynamic_ncols=True,
@@ -394,18 +705,15 @@ def train(config: TrainConfig, corpus: lm_data.Corpus | None = None) -> TrainRes
       loss = float(metrics["loss"])  # Blocks until the step has finished.
       step_time = time.perf_counter() - t
       wall_time += step_time
-      batch = next(train_batches)  # Host-side sampling, outside the timed region.
 
-      entry = {
-        "step": step,
-        "train_loss": loss,
-        "grad_norm": float(metrics["grad_norm"]),
-        "step_time": step_time,
-        "wall_time": wall_time,
-      }
+      entry = {"step": step, "train_loss": loss}
+      entry.update({k: float(v) for k, v in metrics.items() if k != "loss"})
+      entry.update(step_time=step_time, wall_time=wall_time)
       diverged = not math.isfinite(loss)
       if not diverged and (step % config.eval_every == 0 or step == config.steps):
         entry["val_loss"] = evaluate()
+      if read_diagnostics and (step % config.diagnostics_every == 0 or step == config.steps):
+        entry["diagnostics"] = diagnostics_entry(read_diagnostics, opt_state)
       record(entry)
 
       bar.set_postfix(loss=f"{loss:.3f}", ms=f"{step_time * 1e3:.0f}", refresh=False)
@@ -415,18 +723,41 @@ def train(config: TrainConfig, corpus: lm_data.Corpus | None = None) -> TrainRes
       if diverged:
         _log(f"loss is not finite at step {step}; stopping.", bar)
         break
+      if checkpoints and (step % config.checkpoint_every == 0 or step == config.steps):
+        save_checkpoint(step)
+      batch = put_batch(next(train_batches))  # Host-side sampling, outside the timed region.
 
+  if checkpoints:
+    checkpoints.close()
   summary = _summarize(config, history, corpus, num_params, diverged)
   summary.update(
+    start_step=start_step,
     compile_time_s=compile_time,
     eval_time_s=eval_time,
+    checkpoint_time_s=checkpoint_time,
     total_time_s=time.perf_counter() - t_start,
   )
+  if mesh is not None:
+    summary["sharding"] = {
+      "mesh": dict(mesh.shape),
+      "params": memory_per_device(params),
+      "optimizer_state": memory_per_device(opt_state),
+    }
+    state = summary["sharding"]["optimizer_state"]
+    print(
+      f"optimizer state: {state['bytes'] / 1e6:.2f} MB in all, at most "
+      f"{state['max_bytes_per_device'] / 1e6:.2f} MB on one of {mesh.size} devices",
+      flush=True,
+    )
   if config.out:
     with open(os.path.join(config.out, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
     plot_history(history, os.path.join(config.out, "loss.png"), _title(config))
-    print(f"wrote metrics.jsonl, summary.json and loss.png to {config.out}", flush=True)
+    written = "metrics.jsonl, summary.json and loss.png"
+    if read_diagnostics:
+      plot_diagnostics(history, os.path.join(config.out, "diagnostics.png"), _title(config))
+      written = "metrics.jsonl, summary.json, loss.png and diagnostics.png"
+    print(f"wrote {written} to {config.out}", flush=True)
   print(
     f"done: {summary['steps']} steps in {summary['wall_time_s']:.1f}s of training "
     f"({summary['total_time_s']:.1f}s total); final train {summary['final_train_loss']:.4f}, "
@@ -509,6 +840,25 @@ flags.DEFINE_integer("max_files", None, "Use at most this many corpus files (def
 flags.DEFINE_string("corpus_dir", None, "Directory of .py files (default: the stdlib).")
 flags.DEFINE_string("out", _D.out, "Output directory; empty to write nothing.")
 flags.DEFINE_bool("progress", _D.progress, "Show a tqdm progress bar.")
+flags.DEFINE_string(
+  "checkpoint_dir",
+  None,
+  "Save checkpoints (orbax) here; rerunning with the same directory resumes from the latest.",
+)
+flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every, "Steps between checkpoints.")
+flags.DEFINE_string(
+  "mesh",
+  None,
+  "Device mesh, e.g. 'fsdp:4,tp:2': shard params (FSDP/TP) and batch over it. "
+  "On CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N if jax has started.",
+)
+
+flags.DEFINE_integer(
+  "diagnostics_every",
+  _D.diagnostics_every,
+  "Log soap_optax.diagnostics (staleness, refreshes, ...) every N steps to metrics.jsonl and "
+  "plot staleness in diagnostics.png; 0 for never.",
+)
 
 FLAGS = flags.FLAGS
 
@@ -522,6 +872,8 @@ def config_from_flags() -> TrainConfig:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # absl (which orbax logs through) would print every checkpoint's progress at INFO.
+  logging.set_verbosity(logging.WARNING)
   train(config_from_flags())
 
 
