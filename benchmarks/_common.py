@@ -13,11 +13,14 @@ import inspect
 import os
 import platform
 import shlex
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -47,6 +50,8 @@ def machine_info() -> dict[str, Any]:
     # Other processes competing for the cores distort timings; this makes it visible.
     "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
+    # Which code the numbers belong to: rows measured on different commits are not comparable.
+    "git": git_revision(),
   }
   try:
     import soap_optax
@@ -55,6 +60,22 @@ def machine_info() -> dict[str, Any]:
   except ImportError:
     info["soap_optax"] = "not importable"
   return info
+
+
+def git_revision() -> str | None:
+  """The repository's commit, with "+uncommitted changes" when the work tree differs from it."""
+
+  def run(*args):
+    return subprocess.run(
+      ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
+
+  try:
+    commit = run("rev-parse", "--short=12", "HEAD")
+    dirty = run("status", "--porcelain", "--untracked-files=no")
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return commit + (" +uncommitted changes" if dirty else "")
 
 
 def _jaxlib_version() -> str:
@@ -191,6 +212,107 @@ def gpt_param_shapes(
 
 def num_params(shapes: dict[str, tuple[int, ...]]) -> int:
   return int(sum(np.prod(s) for s in shapes.values()))
+
+
+# ----------------------------------------------------------------------------
+# Timing.
+
+
+def refresh_windows(steps: int, precondition_frequency: int) -> tuple[int, int]:
+  """(windows, timed steps): `steps` rounded up to a whole number (>= 2) of refresh windows.
+
+  Timing whole windows after a warm-up of one window makes every timed window contain exactly
+  one scheduled refresh, so the mean amortises the refreshes exactly.
+  """
+  windows = max(2, -(-steps // precondition_frequency))
+  return windows, windows * precondition_frequency
+
+
+def make_optax_step(tx: optax.GradientTransformation):
+  """A jitted `(grads, state, params, count) -> (params, state)` step; state and params donated."""
+
+  def step(grads, state, params, count):
+    del count  # The optimizer keeps its own step counter.
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(step, donate_argnums=(1, 2))
+
+
+def time_jax_steps(
+  step_fn, state, params, grads_pool, warmup: int, measured: int, first_step_fn=None
+):
+  """Runs `warmup` untimed then `measured` timed steps of a jitted step.
+
+  `step_fn(grads, state, params, count)` must return `(params, state)`; step `i` gets
+  `grads_pool[i % len(grads_pool)]` and `count = i`. With `first_step_fn(grads, state, params)`
+  (jitted too), step 0 runs that instead, untimed. Every step is timed on its own, up to
+  `block_until_ready`. Returns (compile seconds, step seconds as an array, final params, final
+  state); the params and state passed in are donated.
+  """
+  count = jnp.zeros([], jnp.int32)
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(grads_pool[0], state, params, count).compile()
+  compile_time = time.perf_counter() - t0
+  start = 0
+  if first_step_fn is not None:
+    if warmup + measured == 0:
+      return compile_time, np.asarray([]), params, state
+    if warmup < 1:
+      raise ValueError("first_step_fn runs untimed: it needs warmup >= 1.")
+    params, state = first_step_fn(grads_pool[0], state, params)
+    jax.block_until_ready((params, state))
+    start = 1
+  times = []
+  for i in range(start, warmup + measured):
+    grads = grads_pool[i % len(grads_pool)]
+    t = time.perf_counter()
+    params, state = compiled(grads, state, params, jnp.asarray(i, jnp.int32))
+    jax.block_until_ready((params, state))
+    if i >= warmup:
+      times.append(time.perf_counter() - t)
+  return compile_time, np.asarray(times), params, state
+
+
+def step_summary(times) -> dict[str, float]:
+  """Median and mean milliseconds per step, and max/median (the max is the refresh step)."""
+  times = np.asarray(times)
+  median = float(np.median(times))
+  return {
+    "median_ms": 1e3 * median,
+    "mean_ms": 1e3 * float(np.mean(times)),
+    "max_over_median": float(np.max(times) / median),
+  }
+
+
+def relative_update_errors(start, ours, reference) -> dict[str, float]:
+  """Per parameter, ‖Δours − Δreference‖ / ‖Δreference‖ of the total change from `start`.
+
+  Parameters are compared through their change rather than their value: the change is what the
+  optimizers compute, and the start (shared) would hide any difference in it.
+  """
+  errors = {}
+  for name, p0 in start.items():
+    p0 = np.asarray(p0, np.float64)
+    want = np.asarray(reference[name], np.float64) - p0
+    got = np.asarray(ours[name], np.float64) - p0
+    errors[name] = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+  return errors
+
+
+def relative_param_errors(ours, reference) -> dict[str, float]:
+  """Per parameter, ‖ours − reference‖ / ‖reference‖ of the parameters themselves."""
+  errors = {}
+  for name, want in reference.items():
+    want = np.asarray(want, np.float64)
+    got = np.asarray(ours[name], np.float64)
+    errors[name] = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+  return errors
+
+
+def load_summary() -> str:
+  """The 1-minute load average now, to print next to timings taken over several minutes."""
+  return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "unknown"
 
 
 # ----------------------------------------------------------------------------
