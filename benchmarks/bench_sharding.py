@@ -82,6 +82,19 @@ def bytes_per_device(state) -> tuple[int, int]:
   return max(per_device.values()), total
 
 
+def planned_bytes_per_device(tree, shardings) -> int:
+  """The most bytes any device holds if ``tree``'s leaves are placed by ``shardings``."""
+  per_device: dict = {}
+  for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
+    for device, index in sharding.devices_indices_map(leaf.shape).items():
+      shape = [len(range(*i.indices(n))) for i, n in zip(index, leaf.shape, strict=True)]
+      size = 1
+      for n in shape:
+        size *= n
+      per_device[device] = per_device.get(device, 0) + size * leaf.dtype.itemsize
+  return max(per_device.values())
+
+
 def total_refresh_work(shapes, block_size) -> int:
   """Σ n³ over every factor (every block): one refresh of everything on one device."""
   import soap_optax
@@ -122,10 +135,10 @@ def measure(name, mode, block_size, shapes, devices):
     start = time.perf_counter()
     compiled = jax.jit(tx.update).lower(params, state, params).compile()
     seconds = time.perf_counter() - start
-    # The state the first update returns, with no out_shardings: on an explicit mesh its types
-    # fix its shardings; on an automatic one they are XLA's choice.
-    _, stepped = compiled(params, state, params)
-    stepped_worst, _ = bytes_per_device(stepped)
+    # Where the state the update returns lives (no out_shardings given): on an explicit mesh
+    # its types fix it; on an automatic one it is XLA's choice. Read from the compiled program,
+    # without running it.
+    stepped_worst = planned_bytes_per_device(state, compiled.output_shardings[1])
   program = _hlo.read(compiled.as_text())
   row = {
     "optimizer": name,
