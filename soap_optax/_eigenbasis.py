@@ -160,13 +160,27 @@ def _first(stats, basis, padding, config: RefreshConfig) -> Eigenbasis:
   )
 
 
-def _guarded(decompose, stats, basis, estimates, padding, config) -> Eigenbasis:
+def _guarded(decompose, stats, basis, estimates, padding, config, on_mesh) -> Eigenbasis:
   """``decompose`` over a stack, keeping the old basis where the result is not finite."""
+
+  def one_at_a_time(operands):
+    return lax.map(lambda a: decompose(*a, config), operands)
+
+  def batched(operands):
+    return decompose(*operands, config)
+
+  operands = (stats, basis, padding)
   if config.adaptive and not (decompose is _first and config.first_basis == "eigh"):
     # One factor at a time, so that each factor's skip test is a real branch.
-    result = lax.map(lambda a: decompose(*a, config), (stats, basis, padding))
+    result = one_at_a_time(operands)
+  elif on_mesh:
+    # On CPU every simulated device runs on a thread of XLA's intra-op pool, and jaxlib 0.10's
+    # batched LAPACK kernels split a batch over that same pool and block until it is done: with
+    # several devices doing so at once, all pool threads can wait and the step never finishes
+    # (seen with 16 factors per device on 8 devices). Single matrices are not split.
+    result = lax.platform_dependent(operands, cpu=one_at_a_time, default=batched)
   else:
-    result = decompose(stats, basis, padding, config)
+    result = batched(operands)
   ok = jnp.all(jnp.isfinite(result.basis), axis=(-2, -1)) & jnp.all(
     jnp.isfinite(result.eigenvalues), axis=-1
   )
@@ -236,7 +250,7 @@ def _decompose_stack(branch, units, stats, bases, estimates, config, mesh):
 
   def local(stats, basis, estimate, counts):
     with jax.named_scope(branch.__name__.strip("_")):  # "first" or "scheduled" in profiles
-      return _guarded(branch, stats, basis, estimate, counts, config)
+      return _guarded(branch, stats, basis, estimate, counts, config, mesh is not None)
 
   if mesh is not None:
     spec = _sharding.stack_spec(mesh, 3)

@@ -11,12 +11,27 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# The suite takes about 8 minutes on 2 cores; a deadlock (one was found, BUILD_NOTES) must fail
+# the run rather than hang it.
+TIMEOUT_S = 20 * 60
+
+
 def _run_mesh_suite(env) -> subprocess.CompletedProcess:
-  command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--durations=5", "mesh"]
-  return subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True)
+  # A test running past 5 minutes gets every thread's stack printed (pytest's faulthandler).
+  command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--durations=5"]
+  command += ["-o", "faulthandler_timeout=300", "mesh"]
+  try:
+    return subprocess.run(
+      command, cwd=HERE, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+  except subprocess.TimeoutExpired as hung:
+    output = (hung.stdout or b"").decode() + (hung.stderr or b"").decode()
+    pytest.fail(f"the mesh suite ran past {TIMEOUT_S} s:\n{output[-20000:]}")
 
 
 def test_the_mesh_suite_passes_on_8_simulated_devices():
