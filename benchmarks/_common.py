@@ -215,6 +215,33 @@ def num_params(shapes: dict[str, tuple[int, ...]]) -> int:
 
 
 # ----------------------------------------------------------------------------
+# Command lines.
+
+
+def add_model_args(parser) -> None:
+  """``--d_model`` / ``--num_layers``: the GPT shapes of ``gpt_param_shapes``."""
+  parser.add_argument("--d_model", type=int, default=384)
+  parser.add_argument("--num_layers", type=int, default=6)
+
+
+def add_timing_args(parser) -> None:
+  """The options of a timed run over whole refresh windows, on the GPT shapes."""
+  parser.add_argument("--precondition_frequency", type=int, default=10)
+  parser.add_argument(
+    "--steps",
+    type=int,
+    default=30,
+    help="timed steps after warm-up; rounded up to a whole number (>= 2) of refresh windows",
+  )
+  add_model_args(parser)
+  parser.add_argument("--seed", type=int, default=0)
+
+
+def add_json_arg(parser) -> None:
+  parser.add_argument("--json", help="also write the results to this JSON file")
+
+
+# ----------------------------------------------------------------------------
 # Timing.
 
 

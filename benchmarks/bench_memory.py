@@ -44,9 +44,8 @@ def main():
     default=[*_common.SOAP_OPTIMIZERS, "adafactor"],
     help="optimizer specs, 'name' or 'name:key=value,...' (adamw is always the baseline)",
   )
-  parser.add_argument("--d_model", type=int, default=384)
-  parser.add_argument("--num_layers", type=int, default=6)
-  parser.add_argument("--json", help="also write the results to this JSON file")
+  _common.add_model_args(parser)
+  _common.add_json_arg(parser)
   args = parser.parse_args()
 
   header = _common.print_header("bench_memory: optimizer-state bytes per parameter")

@@ -267,19 +267,10 @@ def main():
   parser.add_argument(
     "--reference", required=True, help="path to the reference soap.py (see the docstring)"
   )
-  parser.add_argument("--precondition_frequency", type=int, default=10)
-  parser.add_argument(
-    "--steps",
-    type=int,
-    default=30,
-    help="timed steps after warm-up; rounded up to a whole number (>= 2) of refresh windows",
-  )
+  _common.add_timing_args(parser)
   parser.add_argument(
     "--warmup", type=int, help="untimed steps first (default: one refresh window)"
   )
-  parser.add_argument("--d_model", type=int, default=384)
-  parser.add_argument("--num_layers", type=int, default=6)
-  parser.add_argument("--seed", type=int, default=0)
   parser.add_argument(
     "--torch_threads", type=int, default=os.cpu_count(), help="torch intra-op threads"
   )
@@ -288,7 +279,7 @@ def main():
     default="cpu",
     help="where torch runs: 'cpu' or 'cuda'; it should be where jax runs (its default backend)",
   )
-  parser.add_argument("--json", help="also write the results to this JSON file")
+  _common.add_json_arg(parser)
   args = parser.parse_args()
 
   header = _common.print_header("bench_reference: soap_optax vs the authors' PyTorch SOAP")

@@ -67,8 +67,7 @@ def time_scheduled_update(tolerance, iterations, grads, later_grads, count, repe
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--d_model", type=int, default=384)
-  parser.add_argument("--num_layers", type=int, default=6)
+  _common.add_model_args(parser)
   args = parser.parse_args()
   _common.print_header("eigenbasis_refresh: cost of skipped vs performed refreshes")
   shapes = _common.gpt_param_shapes(d_model=args.d_model, num_layers=args.num_layers)

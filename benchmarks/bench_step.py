@@ -259,17 +259,8 @@ def main():
     help="soap_optax optimizers (or optax 'adamw'/'adafactor'); 'name:key=value,...' passes "
     "options, e.g. soap:max_precond_dim=1024.",
   )
-  parser.add_argument("--precondition_frequency", type=int, default=10)
-  parser.add_argument(
-    "--steps",
-    type=int,
-    default=30,
-    help="timed steps after warm-up; rounded up to a whole number (>= 2) of refresh windows",
-  )
-  parser.add_argument("--d_model", type=int, default=384)
-  parser.add_argument("--num_layers", type=int, default=6)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--json", help="also write the results to this JSON file")
+  _common.add_timing_args(parser)
+  _common.add_json_arg(parser)
   args = parser.parse_args()
 
   header = _common.print_header("bench_step: ms per optimizer update")

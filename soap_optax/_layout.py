@@ -38,6 +38,12 @@ def merge_dims(shape: Sequence[int], max_precond_dim: int) -> tuple[int, ...]:
 
   Returns:
     The merged shape; its product equals the product of ``shape``.
+
+  Examples:
+    >>> soap_optax.merge_dims((3, 3, 64, 128), max_precond_dim=10000)
+    (576, 128)
+    >>> soap_optax.merge_dims((20000, 4, 4), max_precond_dim=100)
+    (20000, 16)
   """
   merged = []
   run = 1

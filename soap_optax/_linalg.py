@@ -163,7 +163,18 @@ def diagonal_estimates(basis: Array, product: Array) -> Array:
 
 
 def off_diagonal_ratio(matrix: Array, basis: Array) -> Array:
-  """``‖B − diag(B)‖_F / ‖B‖_F`` with ``B = QᵀLQ``: how far ``Q`` is from diagonalising ``L``."""
+  """``‖B − diag(B)‖_F / ‖B‖_F`` with ``B = QᵀLQ``: how far ``Q`` is from diagonalising ``L``.
+
+  *Purifying Shampoo*'s adaptive refresh skips a factor while this is at most τ.
+
+  Examples:
+    >>> L = jnp.array([[2.0, 1.0], [1.0, 2.0]])
+    >>> soap_optax.off_diagonal_ratio(L, jnp.eye(2))  # √2 / √10
+    Array(0.4472136, dtype=float32)
+    >>> Q = jnp.array([[1.0, 1.0], [1.0, -1.0]]) / jnp.sqrt(2.0)  # L's eigenvectors
+    >>> soap_optax.off_diagonal_ratio(L, Q)
+    Array(0., dtype=float32)
+  """
   b = jnp.swapaxes(basis, -1, -2) @ (matrix @ basis)
   diag = jnp.diagonal(b, axis1=-2, axis2=-1)
   total = jnp.sum(jnp.square(b), axis=(-2, -1))

@@ -61,6 +61,7 @@ the block's shape).
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 
@@ -237,6 +238,16 @@ def _permute(x: np.ndarray | None, orders: Sequence[np.ndarray | None], skip: in
 
 
 # -- shared machinery --------------------------------------------------------------------------
+
+
+def _family_args(values: Mapping[str, object]) -> dict:
+  """The arguments of ``_FamilyOracle`` picked by name out of a subclass's ``locals()``.
+
+  Each subclass spells out its whole signature, with its own defaults (as the aliases do), and
+  hands the shared part on with this.
+  """
+  names = inspect.signature(_FamilyOracle.__init__).parameters
+  return {name: values[name] for name in names if name != "self"}
 
 
 class _FamilyOracle:
@@ -563,24 +574,7 @@ class ShampooOracle(_FamilyOracle):
     soap_weight_decay: bool = True,
     bias_correct_factors: bool = False,
   ):
-    super().__init__(
-      lr=lr,
-      b2=b2,
-      shampoo_beta=shampoo_beta,
-      weight_decay=weight_decay,
-      precondition_frequency=precondition_frequency,
-      max_precond_dim=max_precond_dim,
-      merge_dims=merge_dims,
-      precondition_1d=precondition_1d,
-      method=method,
-      refresh_tolerance=refresh_tolerance,
-      max_qr_iterations=max_qr_iterations,
-      block_size=block_size,
-      stagger=stagger,
-      first_basis=first_basis,
-      weight_decay_mask=weight_decay_mask,
-      soap_weight_decay=soap_weight_decay,
-    )
+    super().__init__(**_family_args(locals()))
     if grafting not in _GRAFTINGS:
       raise ValueError(f"unknown grafting {grafting!r}")
     self.b1 = float(b1)
@@ -749,24 +743,7 @@ class EigenAdafactorOracle(_FamilyOracle):
     weight_decay_mask: Mapping[str, bool] | None = None,
     soap_weight_decay: bool = True,
   ):
-    super().__init__(
-      lr=lr,
-      b2=b2,
-      shampoo_beta=shampoo_beta,
-      weight_decay=weight_decay,
-      precondition_frequency=precondition_frequency,
-      max_precond_dim=max_precond_dim,
-      merge_dims=merge_dims,
-      precondition_1d=precondition_1d,
-      method=method,
-      refresh_tolerance=refresh_tolerance,
-      max_qr_iterations=max_qr_iterations,
-      block_size=block_size,
-      stagger=stagger,
-      first_basis=first_basis,
-      weight_decay_mask=weight_decay_mask,
-      soap_weight_decay=soap_weight_decay,
-    )
+    super().__init__(**_family_args(locals()))
     self.b1 = float(b1)
     self.eps = float(eps)
     self.eps2 = float(eps2)
@@ -829,24 +806,7 @@ class EShampooOracle(_FamilyOracle):
     weight_decay_mask: Mapping[str, bool] | None = None,
     soap_weight_decay: bool = True,
   ):
-    super().__init__(
-      lr=lr,
-      b2=b2,
-      shampoo_beta=shampoo_beta,
-      weight_decay=weight_decay,
-      precondition_frequency=precondition_frequency,
-      max_precond_dim=max_precond_dim,
-      merge_dims=merge_dims,
-      precondition_1d=precondition_1d,
-      method=method,
-      refresh_tolerance=refresh_tolerance,
-      max_qr_iterations=max_qr_iterations,
-      block_size=block_size,
-      stagger=stagger,
-      first_basis=first_basis,
-      weight_decay_mask=weight_decay_mask,
-      soap_weight_decay=soap_weight_decay,
-    )
+    super().__init__(**_family_args(locals()))
     self.b1 = float(b1)
     self.eps = float(eps)
 

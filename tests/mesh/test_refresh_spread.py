@@ -11,20 +11,12 @@ import _hlo
 import jax
 import jax.numpy as jnp
 import pytest
+import transformer_layer
 from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import soap_optax
 
-# Every axis divides into blocks of 32 (the 16 × 16 matrix is one block of 16).
-PARAMS = {
-  "qkv": ((64, 192), P("fsdp", "tp")),
-  "proj": ((64, 64), P("tp", "fsdp")),
-  "down": ((256, 64), P("fsdp", None)),
-  "embed": ((32, 64), P(None, "tp")),
-  "replicated": ((16, 16), P()),
-  "bias": ((64,), P("tp")),
-}
+PARAMS = transformer_layer.PARAMS[2]
 # (alias, the decomposition of its scheduled refresh, decompositions per factor as counted).
 # EShampoo's adaptive refresh maps over its slice of the stack (`lax.map`, counted per factor):
 # a sorted power step + QR, then warm QR iterations in a loop whose trip count is decided at run

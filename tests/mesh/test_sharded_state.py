@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import transformer_layer
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -24,26 +25,7 @@ MESHES = {
   "auto-1d": ((8,), ("data",), AxisType.Auto),
 }
 
-# A small transformer layer's parameters, sharded the ways a model is: FSDP and tensor-parallel
-# kernels, an FSDP-only kernel, a replicated matrix, a sharded and a replicated vector.
-PARAMS = {
-  2: {
-    "qkv": ((64, 192), P("fsdp", "tp")),
-    "proj": ((64, 64), P("tp", "fsdp")),
-    "down": ((256, 64), P("fsdp", None)),
-    "embed": ((32, 64), P(None, "tp")),
-    "replicated": ((16, 16), P()),
-    "bias": ((64,), P("tp")),
-    "scale": ((64,), P()),
-  },
-  1: {
-    "rows": ((64, 32), P("data", None)),
-    "columns": ((32, 64), P(None, "data")),
-    "replicated": ((16, 8), P()),
-    "bias": ((64,), P("data")),
-    "scale": ((8,), P()),
-  },
-}
+PARAMS = transformer_layer.PARAMS
 
 # Every alias on the 2-D meshes of both modes; the 1-D meshes with SOAP (each case compiles a
 # sharded step, the suite's most expensive thing).
