@@ -429,14 +429,14 @@ def _refresh_group(group: Sequence[_Unit], phase: int, state, config, mesh) -> d
   estimates = [state.eigenvalues[u.key].astype(cdt) for u in group]
   iterations = [state.qr_iterations[u.key] for u in group]
 
-  def keep(stats, bases, estimates, iterations):
-    del stats
+  def keep(stats, bases, estimates, iterations, is_first):
+    del stats, is_first
     kept = [_kept(b, e) for b, e in zip(bases, estimates, strict=True)]
     return [k._replace(iterations=i) for k, i in zip(kept, iterations, strict=True)]
 
-  def recompute(stats, bases, estimates, iterations):
+  def recompute(stats, bases, estimates, iterations, is_first):
     del iterations
-    return _decompose_stack(count == 0, group, stats, bases, estimates, config, mesh)
+    return _decompose_stack(is_first, group, stats, bases, estimates, config, mesh)
 
   specs = [_result_specs(b.shape, mesh) for b in bases]
   # The operands stay where the state keeps them until a branch moves them: no communication
@@ -446,13 +446,16 @@ def _refresh_group(group: Sequence[_Unit], phase: int, state, config, mesh) -> d
     [s.basis for s in specs],
     [s.eigenvalues for s in specs],
     [s.iterations for s in specs],
+    None if mesh is None else jax.sharding.PartitionSpec(),
   )
   branches = [_sharding.relayout(fn, specs, mesh, in_specs) for fn in (keep, recompute)]
   on_schedule = count % config.precondition_frequency == phase
   index = jnp.where((count == 0) | on_schedule, _RECOMPUTE, _KEEP)
   with jax.named_scope("eigenbasis_refresh"):  # names the refresh's ops in profiles and HLO
     index = jnp.where(finite, index, _KEEP)
-    out = lax.switch(index, branches, stats, bases, estimates, iterations)
+    # Every operand enters the branches as an argument: under explicit sharding they run in
+    # automatic regions, which must not close over explicitly typed values.
+    out = lax.switch(index, branches, stats, bases, estimates, iterations, count == 0)
   return {u.key: r for u, r in zip(group, out, strict=True)}
 
 
