@@ -34,6 +34,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
+import inspect  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -169,21 +170,58 @@ def measure(name, mode, block_size, shapes, devices):
   return row
 
 
+def scanned_params(shapes, layers):
+  """The same model as a scanned one stores it: each layer's parameters stacked on a layer axis."""
+  stacked = {}
+  for name, shape in shapes.items():
+    if name.startswith("layer0/"):
+      stacked[name.removeprefix("layer0/")] = jnp.zeros((layers, *shape))
+  rest = {k: jnp.zeros(s) for k, s in shapes.items() if not k.startswith("layer")}
+  return {"layers": stacked, **rest}
+
+
+def scanned_soap():
+  """SOAP for a scanned model: the stacked layers with ``stacked_axes=1``, the rest as usual."""
+  import soap_optax
+
+  def label(path, _):
+    return "layers" if path[0].key == "layers" else "rest"
+
+  return optax.partition(
+    {"layers": soap_optax.soap(stacked_axes=1), "rest": soap_optax.soap()},
+    lambda params: jax.tree.map_with_path(label, params),
+  )
+
+
 def compile_scaling(depths, d_model):
-  """Compile time of the jitted update (one device) against the number of layers."""
+  """Compile time of the jitted update (one device) against the number of layers.
+
+  Each depth is measured as a model with one parameter per layer and kernel (AdamW and SOAP on
+  the same tree) and as a scanned model (its layers stacked on a leading axis: AdamW, and SOAP
+  with ``stacked_axes=1`` on the stack).
+  """
   import soap_optax
 
   rows = []
   for layers in depths:
     shapes = _common.gpt_param_shapes(d_model=d_model, num_layers=layers)
     params = {k: jnp.zeros(s) for k, s in shapes.items()}
+    scanned = scanned_params(shapes, layers)
     row = {"layers": layers, "parameters": _common.num_params(shapes)}
-    for name, tx in (("adamw", optax.adamw(1e-3)), ("soap", soap_optax.soap())):
-      state = tx.init(params)
+    runs = [("adamw", optax.adamw(1e-3), params), ("soap", soap_optax.soap(), params)]
+    if "stacked_axes" in inspect.signature(soap_optax.soap).parameters:  # not in old versions
+      runs += [
+        ("adamw_scanned", optax.adamw(1e-3), scanned),
+        ("soap_scanned", scanned_soap(), scanned),
+      ]
+    for name, tx, tree in runs:
+      state = tx.init(tree)
       start = time.perf_counter()
-      jax.jit(tx.update).lower(params, state, params).compile()
+      jax.jit(tx.update).lower(tree, state, tree).compile()
       row[f"{name}_compile_s"] = time.perf_counter() - start
     row["soap_vs_adamw"] = row["soap_compile_s"] / row["adamw_compile_s"]
+    if "soap_scanned_compile_s" in row:
+      row["soap_scanned_vs_adamw"] = row["soap_scanned_compile_s"] / row["adamw_compile_s"]
     rows.append(row)
     print(json.dumps(row), flush=True)
   return rows

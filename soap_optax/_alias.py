@@ -19,9 +19,9 @@ from soap_optax._shampoo import shampoo_precondition
 from soap_optax._stats import kronecker_stats
 from soap_optax._weight_decay import add_decayed_weights_after_step
 
-# The reference's max_precond_dim. The aliases default to None rather than to this number so that
-# optax.inject_hyperparams, which turns every numeric default into a traced hyperparameter,
-# leaves this shape-deciding argument static.
+# The reference's max_precond_dim. The aliases default to None rather than to this number (and
+# stacked_axes to None rather than 0) so that optax.inject_hyperparams, which turns every numeric
+# default into a traced hyperparameter, leaves these shape-deciding arguments static.
 _MAX_PRECOND_DIM = 10000
 
 Mask = Any | Callable[[optax.Params], Any] | None
@@ -34,6 +34,11 @@ _SHARED_ARGS = """\
     precondition_1d: rotate 1-D parameters too.
     block_size: cut axes longer than this into blocks with their own factors (Distributed
       Shampoo's ``max_preconditioner_dim``); ``None`` never cuts (the reference's behaviour).
+    stacked_axes: how many leading axes of every parameter stack independent parameters (a
+      model scanned over its layers); each slice is optimized as if it were a parameter of its
+      own, in one batched program whatever the stack's length (see
+      :class:`~soap_optax.LayoutRule`; with a partly stacked model, use ``optax.partition``).
+      ``None`` (no stack axes) is the reference's behaviour.
     first_basis: ``"eigh"`` (the references) or ``"qr"``: the first bases by QR iterations from
       the identity, so that no ``eigh`` runs at all (the choice on accelerators whose ``eigh`` is
       slow; see :func:`~soap_optax.eigenbasis_refresh`).
@@ -158,10 +163,11 @@ def _in_parameter_dtypes() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def _layout(max_precond_dim, merge_dims, precondition_1d, block_size) -> LayoutRule:
+def _layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes) -> LayoutRule:
   if max_precond_dim is None:
     max_precond_dim = _MAX_PRECOND_DIM
-  return LayoutRule(max_precond_dim, merge_dims, precondition_1d, block_size)
+  stacked_axes = 0 if stacked_axes is None else stacked_axes
+  return LayoutRule(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes)
 
 
 @_shares_args
@@ -180,6 +186,7 @@ def soap(
   correct_bias: bool = True,
   *,
   block_size: int | None = None,
+  stacked_axes: int | None = None,
   first_basis: Method = "eigh",
   weight_decay_mask: Mask = None,
   stagger_refresh: bool = False,
@@ -251,7 +258,7 @@ def soap(
     weight_decay=weight_decay,
     weight_decay_mask=weight_decay_mask,
     beta=b2 if shampoo_beta is None else shampoo_beta,
-    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size),
+    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes),
     precondition_frequency=precondition_frequency,
     stagger_refresh=stagger_refresh,
     stats_dtype=stats_dtype,
@@ -282,6 +289,7 @@ def shampoo(
   refresh_tolerance: float = 0.0,
   max_qr_iterations: int = 1,
   block_size: int | None = None,
+  stacked_axes: int | None = None,
   first_basis: Method = "eigh",
   weight_decay_mask: Mask = None,
   stagger_refresh: bool = False,
@@ -363,7 +371,7 @@ def shampoo(
     weight_decay=weight_decay,
     weight_decay_mask=weight_decay_mask,
     beta=b2 if shampoo_beta is None else shampoo_beta,
-    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size),
+    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes),
     precondition_frequency=precondition_frequency,
     stagger_refresh=stagger_refresh,
     stats_dtype=stats_dtype,
@@ -391,6 +399,7 @@ def eigen_adafactor(
   *,
   eps2: float = 1e-30,
   block_size: int | None = None,
+  stacked_axes: int | None = None,
   first_basis: Method = "eigh",
   weight_decay_mask: Mask = None,
   stagger_refresh: bool = False,
@@ -439,7 +448,7 @@ def eigen_adafactor(
   """
   _check_common(learning_rate, b1, b2, shampoo_beta, eps, weight_decay, precondition_frequency)
   _checks.check_nonnegative("eps2", eps2)
-  layout = _layout(max_precond_dim, merge_dims, precondition_1d, block_size)
+  layout = _layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes)
   return _kronecker_chain(
     rotated_adafactor(
       b1,
@@ -479,6 +488,7 @@ def eshampoo(
   max_qr_iterations: int = 3,
   *,
   block_size: int | None = None,
+  stacked_axes: int | None = None,
   first_basis: Method = "eigh",
   weight_decay_mask: Mask = None,
   stagger_refresh: bool = False,
@@ -535,7 +545,7 @@ def eshampoo(
     weight_decay=weight_decay,
     weight_decay_mask=weight_decay_mask,
     beta=b2 if shampoo_beta is None else shampoo_beta,
-    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size),
+    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes),
     precondition_frequency=precondition_frequency,
     stagger_refresh=stagger_refresh,
     stats_dtype=stats_dtype,

@@ -11,7 +11,10 @@ The working layout of a parameter is ``(num_blocks, *block_shape)``. Without ``b
 the (merged) parameter with a leading axis of length one; with it, every axis longer than
 ``block_size`` is cut into blocks of that length (the last one padded with zeros when the axis
 does not divide), and each block gets its own factors, as Distributed Shampoo's
-``max_preconditioner_dim`` does.
+``max_preconditioner_dim`` does. With ``stacked_axes``, the leading axes of a parameter stack
+independent parameters (the layers of a model scanned over its depth): each slice is laid out as
+above and the slices' blocks follow one another on the block axis, so a stack of ``L`` layers
+costs one set of batched operations, not ``L``.
 """
 
 from __future__ import annotations
@@ -72,27 +75,36 @@ class FactorLayout:
     factored: one flag per working axis: whether that axis has a factor (in every block).
     block_shape: the length of each working axis within one block (the working shape itself
       when the parameter is not cut into blocks).
+    stack_shape: the leading axes of ``shape`` that stack independent slices (empty unless the
+      rule has ``stacked_axes``); ``working_shape`` describes one slice.
   """
 
   shape: tuple[int, ...]
   working_shape: tuple[int, ...]
   factored: tuple[bool, ...]
   block_shape: tuple[int, ...] | None = None
+  stack_shape: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.block_shape is None:
       object.__setattr__(self, "block_shape", self.working_shape)
 
   @property
+  def num_slices(self) -> int:
+    """How many independent slices the stack axes hold (1 without ``stacked_axes``)."""
+    return math.prod(self.stack_shape)
+
+  @property
   def grid(self) -> tuple[int, ...]:
-    """Blocks per working axis."""
+    """Blocks per working axis (of one slice)."""
     return tuple(
       -(-n // b) if b else 1 for n, b in zip(self.working_shape, self.block_shape, strict=True)
     )
 
   @property
   def num_blocks(self) -> int:
-    return math.prod(self.grid)
+    """Blocks of the whole parameter: every slice's blocks, slice after slice."""
+    return self.num_slices * math.prod(self.grid)
 
   @property
   def blocked_shape(self) -> tuple[int, ...]:
@@ -126,7 +138,7 @@ class FactorLayout:
       return None
     positions = np.arange(g)[:, None] * b + np.arange(b)[None, :]  # (grid[axis], b)
     block_index = np.indices(self.grid)[axis].reshape(-1)  # each block's index along `axis`
-    return positions[block_index] >= n
+    return np.tile(positions[block_index] >= n, (self.num_slices, 1))
 
   def real_counts(self) -> np.ndarray:
     """Per block, how many of its entries belong to the parameter (the rest is padding)."""
@@ -138,34 +150,37 @@ class FactorLayout:
       shape = [1] * len(self.grid)
       shape[axis] = g
       counts = counts * lengths.reshape(shape)
-    return counts.reshape(-1)
+    return np.tile(counts.reshape(-1), self.num_slices)
 
 
 def to_blocks(x: jax.Array, layout: FactorLayout) -> jax.Array:
   """A parameter-shaped array in the working layout ``(num_blocks, *block_shape)``."""
-  x = x.reshape(layout.working_shape)
-  if layout.num_blocks == 1 and not layout.padded:
-    return x[None]
+  x = x.reshape(layout.num_slices, *layout.working_shape)
+  if layout.num_blocks == layout.num_slices and not layout.padded:
+    return x
   sizes = zip(layout.working_shape, layout.block_shape, layout.grid, strict=True)
-  pads = [(0, g * b - n) for n, b, g in sizes]
   if layout.padded:
-    x = jnp.pad(x, pads)
+    x = jnp.pad(x, [(0, 0)] + [(0, g * b - n) for n, b, g in sizes])
   rank = len(layout.grid)
-  x = x.reshape([d for g, b in zip(layout.grid, layout.block_shape, strict=True) for d in (g, b)])
-  x = x.transpose([2 * i for i in range(rank)] + [2 * i + 1 for i in range(rank)])
+  pairs = [d for g, b in zip(layout.grid, layout.block_shape, strict=True) for d in (g, b)]
+  x = x.reshape(layout.num_slices, *pairs)
+  # Slice first, then the block's grid position, then its contents: slice-major block order.
+  x = x.transpose([0] + [1 + 2 * i for i in range(rank)] + [2 + 2 * i for i in range(rank)])
   return x.reshape(layout.blocked_shape)
 
 
 def from_blocks(x: jax.Array, layout: FactorLayout) -> jax.Array:
   """The inverse of :func:`to_blocks`: back to the parameter's shape (padding dropped)."""
-  if layout.num_blocks == 1 and not layout.padded:
+  if layout.num_blocks == layout.num_slices and not layout.padded:
     return x.reshape(layout.shape)
   rank = len(layout.grid)
-  x = x.reshape(*layout.grid, *layout.block_shape)
-  x = x.transpose([j for i in range(rank) for j in (i, rank + i)])
-  x = x.reshape([g * b for g, b in zip(layout.grid, layout.block_shape, strict=True)])
+  x = x.reshape(layout.num_slices, *layout.grid, *layout.block_shape)
+  x = x.transpose([0] + [j for i in range(rank) for j in (1 + i, 1 + rank + i)])
+  x = x.reshape(
+    [layout.num_slices] + [g * b for g, b in zip(layout.grid, layout.block_shape, strict=True)]
+  )
   if layout.padded:
-    x = x[tuple(slice(0, n) for n in layout.working_shape)]
+    x = x[(slice(None),) + tuple(slice(0, n) for n in layout.working_shape)]
   return x.reshape(layout.shape)
 
 
@@ -202,6 +217,12 @@ class LayoutRule:
       its own factors (Distributed Shampoo's ``max_preconditioner_dim``; the last block of an
       axis that does not divide is zero-padded). ``None`` (the default, the SOAP reference's
       behaviour) never cuts.
+    stacked_axes: how many leading axes of every parameter stack independent parameters, as a
+      model scanned over its layers stores them (``nn.scan``, ``nnx.scan``): each slice gets the
+      layout and factors it would get on its own, and the optimizer's program no longer grows
+      with the stack's length. ``0`` (the default) treats every axis as the parameter's own.
+      The rule applies to every parameter it is given: use it on the stacked part of a model
+      (``optax.partition``), not on parameters without a stack axis.
 
   Examples:
     >>> import soap_optax
@@ -210,12 +231,16 @@ class LayoutRule:
     >>> blocked = soap_optax.LayoutRule(block_size=128).layout((384, 200))
     >>> blocked.blocked_shape, blocked.factor_sizes  # 3 × 2 blocks; the last column padded
     ((6, 128, 128), (128, 128))
+    >>> stacked = soap_optax.LayoutRule(stacked_axes=1).layout((12, 384, 1536))
+    >>> stacked.blocked_shape, stacked.factor_sizes  # 12 layers, each with its own two factors
+    ((12, 384, 1536), (384, 1536))
   """
 
   max_precond_dim: int = 10000
   merge_dims: bool = False
   precondition_1d: bool = False
   block_size: int | None = None
+  stacked_axes: int = 0
 
   def __post_init__(self):
     object.__setattr__(
@@ -227,12 +252,25 @@ class LayoutRule:
     object.__setattr__(self, "block_size", block_size)
     if block_size is not None and block_size < 1:
       raise ValueError(f"block_size must be None or an int >= 1, got {block_size}.")
+    object.__setattr__(self, "stacked_axes", _static_int("stacked_axes", self.stacked_axes))
+    if self.stacked_axes < 0:
+      raise ValueError(f"stacked_axes must be >= 0, got {self.stacked_axes}.")
 
   def layout(self, shape: Sequence[int]) -> FactorLayout:
-    """Returns the :class:`FactorLayout` of a parameter of this shape."""
-    shape = tuple(int(n) for n in shape)
+    """Returns the :class:`FactorLayout` of a parameter of this shape.
+
+    Raises:
+      ValueError: if the shape has fewer axes than ``stacked_axes``.
+    """
+    full = tuple(int(n) for n in shape)
+    if len(full) < self.stacked_axes:
+      raise ValueError(
+        f"stacked_axes={self.stacked_axes} needs parameters with at least that many axes, got "
+        f"shape {full}: apply this rule only to the stacked parameters (e.g. optax.partition)."
+      )
+    stack, shape = full[: self.stacked_axes], full[self.stacked_axes :]
     if len(shape) == 0:
-      return FactorLayout(shape, shape, ())
+      return FactorLayout(full, shape, (), stack_shape=stack)
     if len(shape) == 1:
       # The reference never merges or factors vectors unless asked to.
       working, may_factor = shape, self.precondition_1d
@@ -244,4 +282,4 @@ class LayoutRule:
     else:
       block = tuple(min(n, self.block_size) for n in working)
     factored = tuple(may_factor and 0 < b <= self.max_precond_dim for b in block)
-    return FactorLayout(shape, working, factored, block)
+    return FactorLayout(full, working, factored, block, stack)

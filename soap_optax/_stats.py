@@ -46,14 +46,18 @@ def factor_shapes(layout: FactorLayout) -> dict[int, tuple[int, int, int]]:
 def working_spec(layout: FactorLayout, spec, mesh):
   """The sharding of a parameter's working-layout arrays under explicit sharding.
 
-  An unblocked, unmerged parameter keeps its own sharding behind the leading block axis, so
-  that the rotations need no more communication than the matmuls themselves; any other layout
-  is spread over the mesh like the state.
+  An unblocked, unmerged parameter keeps its own sharding behind the leading block axis (a
+  parameter with one stack axis: on it), so that the rotations need no more communication than
+  the matmuls themselves; any other layout is spread over the mesh like the state.
   """
   if mesh is None or not _sharding.is_explicit(mesh):
     return None
-  if layout.blocked_shape == (1, *layout.shape) and spec is not None:
-    return jax.sharding.PartitionSpec(None, *spec)
+  if spec is not None:
+    spec = tuple(spec) + (None,) * (len(layout.shape) - len(spec))
+    if layout.blocked_shape == (1, *layout.shape):
+      return jax.sharding.PartitionSpec(None, *spec)
+    if layout.blocked_shape == layout.shape and len(layout.stack_shape) == 1:
+      return jax.sharding.PartitionSpec(*spec)
   return _sharding.spread(layout.blocked_shape, mesh)
 
 
@@ -111,7 +115,10 @@ def kronecker_stats(
     mesh = _sharding.find_mesh(params)
 
     def build(name, p):
-      shapes = factor_shapes(rule.layout(p.shape))
+      try:
+        shapes = factor_shapes(rule.layout(p.shape))
+      except ValueError as e:
+        raise ValueError(f"parameter {name!r}: {e}") from None
       dt = storage_dtype(p.dtype, dtype)
       return {
         factor_key(name, axis): _sharding.constrain(

@@ -3,7 +3,8 @@
 Rectangular parameters (rank-deficient first statistics), vectors with ``precondition_1d``,
 merged tensors, learning-rate schedules, ``weight_decay_mask``, staggered refreshes inside the
 full optimizer (moments moved when only some factors refresh), blocking (Distributed Shampoo's
-``max_preconditioner_dim``; divisible and ragged blocks) and the eigh-free first basis.
+``max_preconditioner_dim``; divisible and ragged blocks), the eigh-free first basis, and stacked
+parameters (a scanned model's layers: each slice against the oracle run on it as a parameter).
 
 Where a factor is rank-deficient after the first gradient its eigenbasis is not unique, and
 SOAP-like optimizers (whose moments live in the basis) depend on the choice. There the test
@@ -248,3 +249,59 @@ def test_the_eigh_free_first_basis(name):
     kwargs.update(method="qr", max_qr_iterations=3)  # no eigh anywhere
   # Square parameters: full-rank statistics, so QR from the identity is unique.
   _compare(name, {"matrix": (5, 5), "other": (4, 4)}, 1e-8, hand_over=False, **kwargs)
+
+
+# -- stacked parameters (``stacked_axes``): a scanned model's layers ------------------------------
+
+LAYERS = 3
+
+
+def _unstack(tree):
+  """A stacked tree as the unstacked model holds it: one parameter per layer."""
+  return {f"{name}/{i}": np.asarray(x)[i] for name, x in tree.items() for i in range(LAYERS)}
+
+
+def _compare_stacked(name, shapes, tol, *, block_size=None, **kwargs):
+  """The library on ``(LAYERS, *shape)`` stacks against the oracle run on every slice alone."""
+  params, grads = _data(5, {k: (LAYERS, *s) for k, s in shapes.items()})
+  settings = {**COMMON, **kwargs}
+  oracle = _oracle(name, block_size=block_size, **settings)
+  with jax.enable_x64(True):
+    tx = getattr(soap_optax, name)(stacked_axes=1, block_size=block_size, **settings)
+    p = {k: jnp.asarray(v) for k, v in params.items()}
+    state, step = tx.init(p), jax.jit(tx.update)
+    q = _unstack(params)
+    for g in grads:
+      updates, state = step({k: jnp.asarray(v) for k, v in g.items()}, state, p)
+      p = optax.apply_updates(p, updates)
+      q = oracle.step(q, _unstack(g))
+  errors = cumulative_update_errors(_unstack(params), _unstack(p), q)
+  assert len(errors) == LAYERS * len(shapes)
+  assert all(np.isfinite(e) for e in errors.values()), errors
+  assert max(errors.values()) < tol, errors
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_each_slice_of_a_stacked_parameter_is_optimized_as_a_parameter_of_its_own(name):
+  # Square slices (full-rank statistics from the first gradient) and an unfactored bias.
+  _compare_stacked(name, {"kernel": (4, 4), "bias": (4,)}, 1e-8)
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_blocks_of_stacked_parameters_equal_the_oracle_s_blocks_of_each_slice(name):
+  _compare_stacked(name, {"kernel": (8, 4), "vector": (8,)}, 1e-8, block_size=4)
+
+
+def _program_size(name, layers):
+  """Operations in the lowered update of alias ``name`` on a stack of ``layers`` layers."""
+  params = {"kernel": jnp.zeros((layers, 4, 6)), "bias": jnp.zeros((layers, 6))}
+  tx = getattr(soap_optax, name)(stacked_axes=1, block_size=4)
+  text = jax.jit(tx.update).lower(params, tx.init(params), params).as_text()
+  return sum("stablehlo." in line for line in text.splitlines())
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_the_update_program_does_not_grow_with_the_number_of_stacked_layers(name):
+  two, five = _program_size(name, 2), _program_size(name, 5)
+  assert two > 100  # the count reads the program (a few hundred operations)
+  assert two == five

@@ -199,3 +199,83 @@ def test_max_precond_dim_accepts_numpy_integers():
 def test_a_traced_max_precond_dim_is_rejected_with_a_value_error():
   with pytest.raises(ValueError, match="static"):
     jax.jit(lambda n: LayoutRule(n).max_precond_dim)(3)
+
+
+# -- stacked parameters (stacked_axes) ------------------------------------------------------------
+
+STACKED_CASES = [
+  ((3, 5, 7), {}),
+  ((3, 10, 7), {"block_size": 4}),
+  ((2, 3, 10, 7), {"block_size": 4}),
+  ((4, 6), {"block_size": 4, "precondition_1d": True}),
+  ((2, 2, 3, 8), {"merge_dims": True, "max_precond_dim": 6}),
+  ((5,), {}),
+]
+
+
+def _stack_axes(shape):
+  return 2 if len(shape) == 4 and shape[:2] == (2, 3) else 1
+
+
+@pytest.mark.parametrize("shape, settings", STACKED_CASES)
+def test_each_slice_of_a_stacked_parameter_gets_the_layout_of_a_parameter_of_its_own(
+  shape, settings
+):
+  k = _stack_axes(shape)
+  stacked = LayoutRule(stacked_axes=k, **settings).layout(shape)
+  alone = LayoutRule(**settings).layout(shape[k:])
+  assert stacked.stack_shape == shape[:k]
+  assert stacked.working_shape == alone.working_shape
+  assert stacked.factor_sizes == alone.factor_sizes
+  assert stacked.num_blocks == math.prod(shape[:k]) * alone.num_blocks
+
+
+def _numpy_blocks(x, k, block):
+  """Slice after slice, each slice's zero-padded blocks in C order over its block grid."""
+  slices = x.reshape(-1, *x.shape[k:])
+  out = []
+  for piece in slices:
+    grid = [-(-n // block) for n in piece.shape]
+    padded = np.zeros([g * block for g in grid])
+    padded[tuple(slice(0, n) for n in piece.shape)] = piece
+    for index in np.ndindex(*grid):
+      out.append(padded[tuple(slice(i * block, (i + 1) * block) for i in index)])
+  return np.stack(out)
+
+
+@pytest.mark.parametrize("shape", [(3, 10, 7), (2, 3, 10, 7), (2, 9)])
+def test_stacked_blocks_are_each_slice_s_blocks_one_slice_after_another(shape):
+  k = _stack_axes(shape)
+  layout = LayoutRule(stacked_axes=k, block_size=4, precondition_1d=True).layout(shape)
+  x = np.arange(math.prod(shape), dtype=np.float32).reshape(shape) + 1
+  blocks = soap_optax._layout.to_blocks(jnp.asarray(x), layout)
+  np.testing.assert_array_equal(np.asarray(blocks), _numpy_blocks(x, k, 4))
+
+
+@pytest.mark.parametrize("shape, settings", STACKED_CASES)
+def test_from_blocks_restores_a_stacked_parameter(shape, settings):
+  layout = LayoutRule(stacked_axes=_stack_axes(shape), **settings).layout(shape)
+  x = jnp.arange(math.prod(shape), dtype=jnp.float32).reshape(shape)
+  blocks = soap_optax._layout.to_blocks(x, layout)
+  assert blocks.shape == layout.blocked_shape
+  np.testing.assert_array_equal(np.asarray(soap_optax._layout.from_blocks(blocks, layout)), x)
+
+
+def test_padding_and_real_counts_repeat_for_every_slice():
+  stacked = LayoutRule(stacked_axes=1, block_size=4).layout((3, 10, 7))
+  alone = LayoutRule(block_size=4).layout((10, 7))
+  for axis in (0, 1):
+    np.testing.assert_array_equal(stacked.padding(axis), np.tile(alone.padding(axis), (3, 1)))
+  np.testing.assert_array_equal(stacked.real_counts(), np.tile(alone.real_counts(), 3))
+  assert stacked.real_counts().sum() == 3 * 10 * 7
+
+
+def test_negative_stacked_axes_raises_value_error():
+  with pytest.raises(ValueError, match="stacked_axes"):
+    LayoutRule(stacked_axes=-1)
+
+
+def test_a_parameter_with_fewer_axes_than_stacked_axes_is_named_in_the_error():
+  params = {"layers": {"kernel": jnp.zeros((2, 3, 3))}, "head": {"bias": jnp.zeros(3)}}
+  with pytest.raises(ValueError, match=r"head.*bias.*stacked_axes=2"):
+    soap_optax.soap(stacked_axes=2).init(params)

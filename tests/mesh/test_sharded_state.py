@@ -192,37 +192,62 @@ NUMERICS = [
 ]
 
 
-@pytest.mark.parametrize("kind, name", NUMERICS)
-def test_a_sharded_run_equals_the_single_device_run(kind, name):
-  rng = np.random.default_rng(3)
+def _single_against_sharded(kind, name, table, seed, **overrides):
+  """The same four steps of alias ``name`` (a refresh at count 2) on one device and sharded as
+  ``table`` says on ``kind``'s mesh; asserts that the state's types stay those of init and that
+  the parameters keep their shardings, and returns (start, single-device, sharded) parameters."""
+  rng = np.random.default_rng(seed)
   values = [
-    {k: rng.standard_normal(s).astype(np.float32) for k, (s, _) in WELL_CONDITIONED.items()}
-    for _ in range(4)
+    {k: rng.standard_normal(s).astype(np.float32) for k, (s, _) in table.items()} for _ in range(4)
   ]
-  tx = optimizer(name, max_precond_dim=16)
+  tx = optimizer(name, max_precond_dim=16, **overrides)
 
   def run(place):
     params = place(values[0])
     state = tx.init(params)
     step = jax.jit(tx.update)
-    for grads in values[1:]:  # a refresh at count 2
-      updates, state = step(place(grads), state, params)
-      params = optax.apply_updates(params, updates)
+    for grads in values[1:]:
+      updates, new_state = step(place(grads), state, params)
+      assert types(new_state) == types(state)
+      params, state = optax.apply_updates(params, updates), new_state
+    assert_same_shardings(params, place(values[0]))
     return jax.tree.map(np.asarray, params)
 
-  single = run(lambda t: jax.device_put(t, jax.devices()[0]))
   m = mesh(kind)
+  single = run(lambda t: jax.device_put(t, jax.devices()[0]))
   with jax.set_mesh(m):
     sharded = run(
-      lambda t: {
-        k: jax.device_put(v, NamedSharding(m, WELL_CONDITIONED[k][1])) for k, v in t.items()
-      }
+      lambda t: {k: jax.device_put(v, NamedSharding(m, table[k][1])) for k, v in t.items()}
     )
-  start = values[0]
+  return values[0], single, sharded
+
+
+def assert_equal_runs(start, single, sharded):
+  assert start
   for key in start:
     change = single[key] - start[key]
     error = np.linalg.norm(sharded[key] - single[key]) / np.linalg.norm(change)
     assert error < 1e-5, (key, error)
+
+
+@pytest.mark.parametrize("kind, name", NUMERICS)
+def test_a_sharded_run_equals_the_single_device_run(kind, name):
+  assert_equal_runs(*_single_against_sharded(kind, name, WELL_CONDITIONED, 3))
+
+
+# -- a scanned model's stacked layers (stacked_axes=1) --------------------------------------------
+
+STACKED = {
+  "kernel": ((4, 16, 64), P(None, "fsdp", "tp")),  # 4 layers of the well-conditioned "wide"
+  "bias": ((4, 64), P(None, "tp")),
+}
+
+
+@pytest.mark.parametrize(
+  "kind, name", [("explicit-2d", "soap"), ("auto-2d", "shampoo"), ("explicit-2d", "eshampoo")]
+)
+def test_stacked_layers_keep_their_sharding_and_equal_the_single_device_run(kind, name):
+  assert_equal_runs(*_single_against_sharded(kind, name, STACKED, 4, stacked_axes=1))
 
 
 # -- optax's own sharding checks, run on soap_optax's optimizers --------------------------------
