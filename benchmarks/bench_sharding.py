@@ -187,9 +187,11 @@ def scanned_soap():
   def label(path, _):
     return "layers" if path[0].key == "layers" else "rest"
 
-  return optax.partition(
-    {"layers": soap_optax.soap(stacked_axes=1), "rest": soap_optax.soap()},
-    lambda params: jax.tree.map_with_path(label, params),
+  return soap_optax.skip_nonfinite_steps(
+    optax.partition(
+      {"layers": soap_optax.soap(stacked_axes=1), "rest": soap_optax.soap()},
+      lambda params: jax.tree.map_with_path(label, params),
+    )
   )
 
 

@@ -461,3 +461,87 @@ def test_a_shape_deciding_argument_in_static_args_shapes_the_state(name):
   assert factor_keys(state) == {"w:0"}  # the axis of length 6 gets no factor
   updates, _ = jax.eval_shape(tx.update, params, state, params)
   assert updates["w"].shape == (4, 6)
+
+
+# -- a scanned NNX model: stacked layers with stacked_axes=1 -------------------------------------
+
+SCANNED_LAYERS = 3
+
+
+class ScannedResidualMLP(nnx.Module):
+  """Residual layers created with ``nnx.vmap`` and run with ``nnx.scan``: kernels ``(3, 4, 4)``."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=SCANNED_LAYERS)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_layers(rngs):
+      return nnx.Linear(4, 4, rngs=rngs)
+
+    self.layers = make_layers(rngs)
+    self.head = nnx.Linear(4, 4, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def forward(x, layer):
+      return x + jnp.tanh(layer(x))
+
+    return self.head(forward(x, self.layers))
+
+
+class UnrolledResidualMLP(nnx.Module):
+  """The same network with one module, so one parameter per kernel, per layer."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.layers = nnx.List([nnx.Linear(4, 4, rngs=rngs) for _ in range(SCANNED_LAYERS)])
+    self.head = nnx.Linear(4, 4, rngs=rngs)
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = x + jnp.tanh(layer(x))
+    return self.head(x)
+
+
+def scanned_soap() -> optax.GradientTransformation:
+  """The recipe of docs/scaling.md: the stack with ``stacked_axes=1``, the rest as usual."""
+  settings = dict(learning_rate=LEARNING_RATE, precondition_frequency=PRECONDITION_FREQUENCY)
+
+  def label(path, _):
+    return "layers" if path[0].key == "layers" else "rest"
+
+  return soap_optax.skip_nonfinite_steps(
+    optax.partition(
+      {"layers": soap_optax.soap(stacked_axes=1, **settings), "rest": soap_optax.soap(**settings)},
+      lambda params: jax.tree.map_with_path(label, params),
+    )
+  )
+
+
+def test_a_scanned_nnx_model_with_stacked_axes_trains_as_its_unrolled_twin_with_soap():
+  scanned = ScannedResidualMLP(nnx.Rngs(0))
+  stacked = nnx.to_pure_dict(nnx.state(scanned, nnx.Param))
+  unrolled = UnrolledResidualMLP(nnx.Rngs(1))
+  nnx.update(
+    unrolled,
+    {
+      "head": stacked["head"],
+      "layers": {
+        i: jax.tree.map(lambda x, i=i: x[i], stacked["layers"]) for i in range(SCANNED_LAYERS)
+      },
+    },
+  )
+  runs = [
+    (scanned, nnx.Optimizer(scanned, scanned_soap(), wrt=nnx.Param)),
+    (unrolled, nnx.Optimizer(unrolled, make_tx("soap"), wrt=nnx.Param)),
+  ]
+  for model, optimizer in runs:
+    for i in range(STEPS):  # refreshes every PRECONDITION_FREQUENCY steps
+      nnx_step(model, optimizer, X[i], Y[i])
+  partition = optax.tree.get(nnx.as_pure(runs[0][1].opt_state), "PartitionState")
+  stats = optax.tree.get(partition.inner_states["layers"], "KroneckerStatsState").stats
+  assert stats["layers/kernel:0"].shape == (SCANNED_LAYERS, 4, 4)
+  got = nnx.to_pure_dict(nnx.state(scanned, nnx.Param))
+  want = nnx.to_pure_dict(nnx.state(unrolled, nnx.Param))
+  assert_same_params(flat(got["head"]), flat(want["head"]), rtol=1e-5, atol=1e-6)
+  for i in range(SCANNED_LAYERS):
+    layer = jax.tree.map(lambda x, i=i: x[i], got["layers"])
+    assert_same_params(flat(layer), flat(want["layers"][i]), rtol=1e-5, atol=1e-6)
