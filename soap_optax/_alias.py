@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import DTypeLike
 
-from soap_optax import _checks
+from soap_optax import _checks, _linalg
 from soap_optax._eigenbasis import Method, eigenbasis_refresh
 from soap_optax._grafting import Grafting
 from soap_optax._layout import LayoutRule
@@ -85,7 +85,7 @@ def skip_nonfinite_steps(tx: optax.GradientTransformation) -> optax.GradientTran
     return optax.ApplyIfFiniteState(zero, jnp.ones([], bool), zero, tx.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)]))
+    finite = _linalg.all_finite(jax.tree.leaves(updates))
 
     def apply(updates, inner, params):
       return tx.update(updates, inner, params, **extra_args)
