@@ -545,3 +545,25 @@ def test_a_scanned_nnx_model_with_stacked_axes_trains_as_its_unrolled_twin_with_
   for i in range(SCANNED_LAYERS):
     layer = jax.tree.map(lambda x, i=i: x[i], got["layers"])
     assert_same_params(flat(layer), flat(want["layers"][i]), rtol=1e-5, atol=1e-6)
+
+
+def test_the_state_of_the_scanned_recipe_survives_an_orbax_save_and_restore(tmp_path):
+  params = {"layers": {"kernel": jnp.ones((3, 4, 4)), "bias": jnp.zeros((3, 4))}}
+  params["head"] = jnp.ones((4, 4))
+  tx = scanned_soap()
+  state, step = tx.init(params), jax.jit(tx.update)
+  for i in range(4):  # across the refresh at update 3
+    grads = {"layers": {"kernel": jnp.asarray(X[i, :12].reshape(3, 4, 4))}}
+    grads["layers"]["bias"], grads["head"] = jnp.asarray(X[i, :3]), jnp.asarray(Y[i, :4])
+    updates, state = step(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "state", state)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(
+      tmp_path / "state", jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    )
+  assert_same_params(flat(restored), flat(state))
+  after_restore, _ = step(grads, restored, params)
+  after_save, _ = step(grads, state, params)
+  assert_same_params(flat(after_restore), flat(after_save))
