@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
-from soap_optax import _sharding
+from soap_optax import _linalg, _sharding
 from soap_optax._eigenbasis import EigenbasisState
 from soap_optax._stats import KroneckerStatsState
 
@@ -60,12 +60,7 @@ def _factor(stats: jax.Array, basis, eigenvalues, refreshes, iterations) -> Fact
   stats, basis, eigenvalues = (x.astype(dtype) for x in (stats, basis, eigenvalues))
   # Zero padding (ragged blocks) has zero statistics and its own columns of Q, so it adds
   # nothing to either norm; its eigenvalue estimates (−1) are excluded from the spectrum.
-  # B itself (two matmuls), not the refresh's one-matmul shortcut ‖L‖² − ‖diag B‖², whose
-  # cancellation in float32 would put a floor of ~3e-4 under the logged value.
-  b = jnp.swapaxes(basis, -1, -2) @ stats @ basis
-  total = jnp.sum(jnp.square(b), axis=(-2, -1))
-  off = jnp.sum(jnp.square(b - jnp.eye(b.shape[-1], dtype=b.dtype) * b), axis=(-2, -1))
-  staleness = jnp.sqrt(off / jnp.where(total > 0, total, 1))
+  staleness = _linalg.off_diagonal_ratio(stats, basis)
   top = jnp.max(eigenvalues, axis=-1)
   positive = eigenvalues > 0
   bottom = jnp.min(jnp.where(positive, eigenvalues, jnp.inf), axis=-1)

@@ -140,7 +140,7 @@ def _scheduled(stats, basis, padding, config: RefreshConfig) -> Eigenbasis:
   estimates = _linalg.diagonal_estimates(basis, product)
   if not config.adaptive:
     return _refresh(stats, basis, estimates, product, padding, config)
-  stale = _linalg.is_stale(stats, estimates, config.refresh_tolerance, padding)
+  stale = _linalg.is_stale(stats, basis, product, estimates, config.refresh_tolerance, padding)
   return lax.cond(
     stale,
     lambda: _refresh(stats, basis, estimates, product, padding, config),

@@ -167,39 +167,65 @@ def diagonal_estimates(basis: Array, product: Array) -> Array:
   return jnp.einsum("...ij,...ij->...j", basis, product)
 
 
+def _off_diagonal_square(basis: Array, product: Array, estimates: Array) -> Array:
+  """``‖B − diag B‖²_F`` for ``B = QᵀLQ``, from ``Q``, ``LQ`` and ``diag B``.
+
+  ``Q`` is orthonormal, so ``‖B − diag B‖_F = ‖Qᵀ(LQ − Q diag B)‖_F = ‖LQ − Q diag B‖_F``: an n²
+  residual of the product the refresh forms anyway, with no second n³ product. The residual is
+  formed entry by entry, so its rounding is relative to ``‖L‖``'s entries (≈ 1e-7·‖L‖ in
+  float32), not to ``‖L‖²``: the shortcut ``‖L‖² − ‖diag B‖²`` cancelled to 0 whenever the
+  off-diagonal mass fell below float32's resolution of ``‖L‖²`` and so called stale bases fresh.
+  """
+  residual = product - basis * estimates[..., None, :]
+  return jnp.sum(jnp.square(residual), axis=(-2, -1))
+
+
+def _norm_square(matrix: Array, padding: Array | float) -> Array:
+  """``‖L‖²_F`` of the real part: each zero-padded coordinate carries a −1 sentinel (see
+  :func:`sentinel_padding`) on ``L``'s diagonal, which must not count."""
+  return jnp.sum(jnp.square(matrix), axis=(-2, -1)) - padding
+
+
 def off_diagonal_ratio(matrix: Array, basis: Array) -> Array:
   """``‖B − diag(B)‖_F / ‖B‖_F`` with ``B = QᵀLQ``: how far ``Q`` is from diagonalising ``L``.
 
-  *Purifying Shampoo*'s adaptive refresh skips a factor while this is at most τ.
+  *Purifying Shampoo*'s adaptive refresh skips a factor while this is at most τ; the refresh's
+  test (:func:`is_stale`) and :func:`~soap_optax.diagnostics` compute this same quantity, the
+  same way. Works on single matrices and on stacks ``(…, n, n)``; 0 for a zero ``L``.
 
   Examples:
     >>> L = jnp.array([[2.0, 1.0], [1.0, 2.0]])
     >>> soap_optax.off_diagonal_ratio(L, jnp.eye(2))  # √2 / √10
     Array(0.4472136, dtype=float32)
     >>> Q = jnp.array([[1.0, 1.0], [1.0, -1.0]]) / jnp.sqrt(2.0)  # L's eigenvectors
-    >>> soap_optax.off_diagonal_ratio(L, Q)
-    Array(0., dtype=float32)
+    >>> bool(soap_optax.off_diagonal_ratio(L, Q) < 1e-6)  # 0 up to float32 rounding
+    True
   """
-  b = jnp.swapaxes(basis, -1, -2) @ (matrix @ basis)
-  diag = jnp.diagonal(b, axis1=-2, axis2=-1)
-  total = jnp.sum(jnp.square(b), axis=(-2, -1))
-  off = jnp.sqrt(jnp.maximum(total - jnp.sum(jnp.square(diag), axis=-1), 0))
-  return off / jnp.maximum(jnp.sqrt(total), jnp.finfo(b.dtype).tiny)
+  product = jnp.matmul(matrix, basis, precision=HIGHEST)
+  estimates = diagonal_estimates(basis, product)
+  off = _off_diagonal_square(basis, product, estimates)
+  total = _norm_square(matrix, 0.0)
+  return jnp.sqrt(off / jnp.where(total > 0, total, 1))
 
 
-def is_stale(matrix: Array, estimates: Array, tolerance, padding: Array | float = 0.0) -> Array:
+def is_stale(
+  matrix: Array,
+  basis: Array,
+  product: Array,
+  estimates: Array,
+  tolerance,
+  padding: Array | float = 0.0,
+) -> Array:
   """Purifying Shampoo's test ``‖B − diag B‖_F > τ‖B‖_F`` for ``B = QᵀLQ``.
 
-  ``Q`` is orthonormal, so ``‖B‖_F = ‖L‖_F`` and ``‖B − diag B‖²_F = ‖L‖²_F − ‖diag B‖²``: the
-  test needs only ``diag(B)`` (``estimates``, from ``LQ``, which the power step reuses), not the
-  second product ``Qᵀ(LQ)``. The subtraction loses accuracy only for τ near float precision,
-  where every basis then counts as stale — the safe side. ``padding`` is the number of
-  zero-padded coordinates, whose −1 sentinels (see :func:`sentinel_padding`) sit on ``B``'s
+  Takes ``LQ`` (``product``) and ``diag B`` (``estimates``), which the power step reuses, and
+  measures the off-diagonal mass as :func:`off_diagonal_ratio` does, without cancellation, so the
+  test is accurate for any τ down to float rounding of ``L``'s entries. ``padding`` is the number
+  of zero-padded coordinates, whose −1 sentinels (see :func:`sentinel_padding`) sit on ``B``'s
   diagonal and must not count towards ``‖B‖``.
   """
-  total = jnp.sum(jnp.square(matrix), axis=(-2, -1))
-  off = jnp.maximum(total - jnp.sum(jnp.square(estimates), axis=-1), 0)
-  return off > jnp.square(tolerance) * (total - padding)
+  off = _off_diagonal_square(basis, product, estimates)
+  return off > jnp.square(tolerance) * _norm_square(matrix, padding)
 
 
 def orthonormalize(matrix: Array) -> Array:
@@ -249,7 +275,7 @@ def warm_qr_iterations(
   def measure(q):
     product = matrix @ q
     estimates = diagonal_estimates(q, product)
-    return product, estimates, is_stale(matrix, estimates, tolerance, padding)
+    return product, estimates, is_stale(matrix, q, product, estimates, tolerance, padding)
 
   def going(i, stale):
     return (i < max_iterations) & stale
