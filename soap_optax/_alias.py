@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
@@ -42,8 +44,6 @@ _SHARED_ARGS = """\
     first_basis: ``"eigh"`` (the references) or ``"qr"``: the first bases by QR iterations from
       the identity, so that no ``eigh`` runs at all (the choice on accelerators whose ``eigh`` is
       slow; see :func:`~soap_optax.eigenbasis_refresh`).
-    weight_decay_mask: which parameters to decay (a tree of bools or a function of the params);
-      ``None`` decays all, as the reference does.
     stagger_refresh: spread the factors' refreshes over each window of
       ``precondition_frequency`` steps instead of refreshing all at once (same work, no slow
       step; changes the schedule, so off by default).
@@ -54,8 +54,19 @@ _SHARED_ARGS = """\
 """
 
 
+_PLACEHOLDER = re.compile(r"^([ \t]*)\{shared_args\}[ \t]*$", re.MULTILINE)
+
+
 def _shares_args(alias):
-  alias.__doc__ = alias.__doc__.replace("    {shared_args}\n", _SHARED_ARGS)
+  """Puts the shared arguments' documentation where the docstring says ``{shared_args}``.
+
+  The text takes the placeholder's own indentation: Python 3.13 strips a docstring's common
+  indentation at compile time, so no fixed indentation can be assumed.
+  """
+  shared = textwrap.dedent(_SHARED_ARGS).rstrip("\n")
+  alias.__doc__ = _PLACEHOLDER.sub(
+    lambda match: textwrap.indent(shared, match.group(1)), alias.__doc__
+  )
   return alias
 
 
@@ -107,23 +118,26 @@ def skip_nonfinite_steps(tx: optax.GradientTransformation) -> optax.GradientTran
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_common(learning_rate, b1, b2, shampoo_beta, eps, weight_decay, precondition_frequency):
-  _checks.check_learning_rate(learning_rate)
+def _check_common(b1, b2, shampoo_beta, eps, precondition_frequency) -> None:
+  """The checks of the arguments every member shares, under the members' own names."""
   _checks.check_unit_interval("b1", b1)
   _checks.check_unit_interval("b2", b2)
   if shampoo_beta is not None:
     _checks.check_unit_interval("shampoo_beta", shampoo_beta)
   _checks.check_nonnegative("eps", eps)
-  _checks.check_nonnegative("weight_decay", weight_decay)
   _checks.check_positive_int("precondition_frequency", precondition_frequency)
 
 
-def _kronecker_chain(
+def _layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes) -> LayoutRule:
+  if max_precond_dim is None:
+    max_precond_dim = _MAX_PRECOND_DIM
+  stacked_axes = 0 if stacked_axes is None else stacked_axes
+  return LayoutRule(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes)
+
+
+def _kronecker_blocks(
   direction,
   *,
-  learning_rate,
-  weight_decay,
-  weight_decay_mask,
   beta,
   layout,
   precondition_frequency,
@@ -131,13 +145,9 @@ def _kronecker_chain(
   stats_dtype,
   basis_dtype,
   **refresh_options,
-):
-  """The family's common frame around a ``direction`` block.
-
-  ``kronecker_stats → eigenbasis_refresh → direction → learning rate → after-step decay``,
-  wrapped so that a step with a non-finite gradient is skipped.
-  """
-  tx = optax.chain(
+) -> tuple[optax.GradientTransformation, ...]:
+  """``kronecker_stats → eigenbasis_refresh → direction``, one layout shared by the three."""
+  return (
     kronecker_stats(beta, layout=layout, dtype=stats_dtype),
     eigenbasis_refresh(
       precondition_frequency,
@@ -147,6 +157,25 @@ def _kronecker_chain(
       **refresh_options,
     ),
     direction,
+  )
+
+
+def _kronecker_chain(blocks, arguments: dict) -> optax.GradientTransformationExtraArgs:
+  """An alias: its direction's blocks, then learning rate, after-step decay and the dtype cast,
+  wrapped so that a step with a non-finite gradient is skipped.
+
+  ``arguments`` are the alias's own (its ``locals()``); the learning rate, the decay and its
+  mask are taken out and the rest builds ``blocks``. The chain is flat (not a chain inside a
+  chain), so the state tree is the one every earlier release wrote to checkpoints.
+  """
+  arguments = dict(arguments)
+  learning_rate = arguments.pop("learning_rate")
+  weight_decay = arguments.pop("weight_decay")
+  weight_decay_mask = arguments.pop("weight_decay_mask")
+  _checks.check_learning_rate(learning_rate)
+  _checks.check_nonnegative("weight_decay", weight_decay)
+  tx = optax.chain(
+    *blocks(**arguments),
     optax.scale_by_learning_rate(learning_rate),
     add_decayed_weights_after_step(learning_rate, weight_decay, weight_decay_mask),
     _in_parameter_dtypes(),
@@ -163,11 +192,433 @@ def _in_parameter_dtypes() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def _layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes) -> LayoutRule:
-  if max_precond_dim is None:
-    max_precond_dim = _MAX_PRECOND_DIM
-  stacked_axes = 0 if stacked_axes is None else stacked_axes
-  return LayoutRule(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes)
+# -- the directions: each member's Kronecker blocks ------------------------------------------
+
+
+def _soap_blocks(
+  b1,
+  b2,
+  shampoo_beta,
+  eps,
+  precondition_frequency,
+  max_precond_dim,
+  merge_dims,
+  precondition_1d,
+  normalize_grads,
+  correct_bias,
+  *,
+  block_size,
+  stacked_axes,
+  first_basis,
+  stagger_refresh,
+  stats_dtype,
+  basis_dtype,
+  moment_dtype,
+):
+  _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
+  direction = rotated_adam(
+    b1,
+    b2,
+    eps,
+    correct_bias=correct_bias,
+    normalize_grads=normalize_grads,
+    moment_dtype=moment_dtype,
+  )
+  return _kronecker_blocks(
+    direction,
+    beta=b2 if shampoo_beta is None else shampoo_beta,
+    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes),
+    precondition_frequency=precondition_frequency,
+    stagger_refresh=stagger_refresh,
+    stats_dtype=stats_dtype,
+    basis_dtype=basis_dtype,
+    first_basis=first_basis,
+  )
+
+
+def _shampoo_blocks(
+  b1,
+  b2,
+  shampoo_beta,
+  eps,
+  precondition_frequency,
+  max_precond_dim,
+  merge_dims,
+  precondition_1d,
+  exponent,
+  trace_scaling,
+  grafting,
+  graft_eps,
+  *,
+  relative_eps,
+  method,
+  refresh_tolerance,
+  max_qr_iterations,
+  block_size,
+  stacked_axes,
+  first_basis,
+  stagger_refresh,
+  stats_dtype,
+  basis_dtype,
+  moment_dtype,
+):
+  _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
+  direction = shampoo_precondition(
+    exponent,
+    eps,
+    b1=b1,
+    relative_eps=relative_eps,
+    trace_scaling=trace_scaling,
+    grafting=grafting,
+    graft_b2=b2,
+    graft_eps=graft_eps,
+    moment_dtype=moment_dtype,
+  )
+  return _kronecker_blocks(
+    direction,
+    beta=b2 if shampoo_beta is None else shampoo_beta,
+    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes),
+    precondition_frequency=precondition_frequency,
+    stagger_refresh=stagger_refresh,
+    stats_dtype=stats_dtype,
+    basis_dtype=basis_dtype,
+    refresh_tolerance=refresh_tolerance,
+    max_qr_iterations=max_qr_iterations,
+    method=method,
+    first_basis=first_basis,
+  )
+
+
+def _eigen_adafactor_blocks(
+  b1,
+  b2,
+  shampoo_beta,
+  eps,
+  precondition_frequency,
+  max_precond_dim,
+  merge_dims,
+  precondition_1d,
+  correct_bias,
+  *,
+  eps2,
+  block_size,
+  stacked_axes,
+  first_basis,
+  stagger_refresh,
+  stats_dtype,
+  basis_dtype,
+  moment_dtype,
+):
+  _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
+  layout = _layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes)
+  direction = rotated_adafactor(
+    b1,
+    b2,
+    eps,
+    layout=layout,
+    eps2=eps2,
+    correct_bias=correct_bias,
+    moment_dtype=moment_dtype,
+  )
+  return _kronecker_blocks(
+    direction,
+    beta=b2 if shampoo_beta is None else shampoo_beta,
+    layout=layout,
+    precondition_frequency=precondition_frequency,
+    stagger_refresh=stagger_refresh,
+    stats_dtype=stats_dtype,
+    basis_dtype=basis_dtype,
+    first_basis=first_basis,
+  )
+
+
+def _eshampoo_blocks(
+  b1,
+  b2,
+  shampoo_beta,
+  eps,
+  precondition_frequency,
+  max_precond_dim,
+  merge_dims,
+  precondition_1d,
+  refresh_tolerance,
+  max_qr_iterations,
+  *,
+  block_size,
+  stacked_axes,
+  first_basis,
+  stagger_refresh,
+  stats_dtype,
+  basis_dtype,
+  moment_dtype,
+):
+  _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
+  return _kronecker_blocks(
+    eigenvalue_corrected(b1, b2, eps, moment_dtype=moment_dtype),
+    beta=b2 if shampoo_beta is None else shampoo_beta,
+    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes),
+    precondition_frequency=precondition_frequency,
+    stagger_refresh=stagger_refresh,
+    stats_dtype=stats_dtype,
+    basis_dtype=basis_dtype,
+    refresh_tolerance=refresh_tolerance,
+    max_qr_iterations=max_qr_iterations,
+    first_basis=first_basis,
+  )
+
+
+# -- scale_by_*: the directions as optax transformations ------------------------------------
+
+
+@_shares_args
+def scale_by_soap(
+  b1: float = 0.95,
+  b2: float = 0.95,
+  shampoo_beta: float | None = None,
+  eps: float = 1e-8,
+  precondition_frequency: int = 10,
+  max_precond_dim: int | None = None,
+  merge_dims: bool = False,
+  precondition_1d: bool = False,
+  normalize_grads: bool = False,
+  correct_bias: bool = True,
+  *,
+  block_size: int | None = None,
+  stacked_axes: int | None = None,
+  first_basis: Method = "eigh",
+  stagger_refresh: bool = False,
+  stats_dtype: DTypeLike | None = None,
+  basis_dtype: DTypeLike | None = None,
+  moment_dtype: DTypeLike | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """SOAP's update direction, to compose like ``optax.scale_by_adam``.
+
+  ``chain(kronecker_stats, eigenbasis_refresh, rotated_adam)`` with one shared
+  :class:`~soap_optax.LayoutRule`, and nothing else: no learning rate, weight decay or skipping
+  of non-finite steps (the blocks themselves keep their state and return a zero update on such a
+  step). :func:`soap` is this direction followed by the learning rate and SOAP's after-step
+  weight decay. The updates come back in float32 (float64 for float64 parameters);
+  ``optax.apply_updates`` casts them to the parameters' dtypes.
+
+  Args:
+    b1: Adam's first-moment decay in the eigenbasis.
+    b2: Adam's second-moment decay in the eigenbasis.
+    shampoo_beta: decay of the factor statistics; ``None`` means ``b2``.
+    eps: added to ``√v``.
+    precondition_frequency: refresh the eigenbases every this many updates.
+    normalize_grads: divide each parameter's (block's) direction by its RMS.
+    correct_bias: use Adam's bias correction.
+    {shared_args}
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> tx = optax.chain(
+    ...   optax.clip_by_global_norm(1.0),
+    ...   soap_optax.scale_by_soap(b1=0.9, b2=0.99),
+    ...   optax.add_decayed_weights(1e-4),
+    ...   optax.scale_by_learning_rate(1e-3),
+    ... )
+    >>> params = {"w": jnp.ones((4, 3))}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.ones((4, 3))}, state, params)
+    >>> optax.tree.get(state, "EigenbasisState").basis["w:0"].shape  # found by its type
+    (1, 4, 4)
+
+  References:
+    Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
+    <https://arxiv.org/abs/2409.11321>`_, 2024.
+  """
+  return optax.chain(*_soap_blocks(**locals()))
+
+
+@_shares_args
+def scale_by_shampoo(
+  b1: float = 0.9,
+  b2: float = 0.999,
+  shampoo_beta: float | None = None,
+  eps: float = 1e-6,
+  precondition_frequency: int = 10,
+  max_precond_dim: int | None = None,
+  merge_dims: bool = False,
+  precondition_1d: bool = False,
+  exponent: float = 0.5,
+  trace_scaling: bool = False,
+  grafting: Grafting = "adam",
+  graft_eps: float = 1e-8,
+  *,
+  relative_eps: bool = True,
+  method: Method = "eigh",
+  refresh_tolerance: float = 0.0,
+  max_qr_iterations: int = 1,
+  block_size: int | None = None,
+  stacked_axes: int | None = None,
+  first_basis: Method = "eigh",
+  stagger_refresh: bool = False,
+  stats_dtype: DTypeLike | None = None,
+  basis_dtype: DTypeLike | None = None,
+  moment_dtype: DTypeLike | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Shampoo's grafted update direction, to compose like optax's ``scale_by_*``.
+
+  ``chain(kronecker_stats, eigenbasis_refresh, shampoo_precondition)`` with one shared
+  :class:`~soap_optax.LayoutRule`, and nothing else (see :func:`shampoo`, which adds the
+  learning rate and weight decay, for the arguments' meaning).
+
+  Args:
+    b1: gradient filtering (EMA of the gradient before preconditioning).
+    b2: decay of the factor statistics and of the grafting's second moment.
+    shampoo_beta: decay of the factor statistics if it should differ from ``b2``.
+    eps: damping added to every factor eigenvalue before the inverse root.
+    precondition_frequency: recompute the preconditioner every this many updates.
+    exponent: inverse root of each factor.
+    trace_scaling: the SOAP paper's scalar correction ``tr(L)^(exponent·(K−1))``.
+    grafting: ``"adam"``, ``"rmsprop"``, ``"sgd"`` or ``"none"``.
+    graft_eps: epsilon of the grafted optimizer.
+    relative_eps: scale ``eps`` by each factor's largest eigenvalue (else absolute).
+    method: ``"eigh"`` (exact) or ``"qr"`` (warm-started power iteration) for the refresh.
+    refresh_tolerance: adaptive skip test of the refresh (0 refreshes on every schedule).
+    max_qr_iterations: QR iterations per refresh when ``method="qr"``.
+    {shared_args}
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> tx = optax.chain(soap_optax.scale_by_shampoo(), optax.scale(-1e-2))
+    >>> params = {"w": jnp.zeros((4, 3))}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({"w": jnp.ones((4, 3))}, state)  # initialises
+    >>> updates, _ = tx.update({"w": jnp.ones((4, 3))}, state)
+    >>> round(float(jnp.linalg.norm(updates["w"])), 4)  # Adam's first step, grafted: lr·√12
+    0.0346
+
+  References:
+    Gupta et al., `Shampoo: Preconditioned Stochastic Tensor Optimization
+    <https://arxiv.org/abs/1802.09568>`_, 2018.
+  """
+  return optax.chain(*_shampoo_blocks(**locals()))
+
+
+@_shares_args
+def scale_by_eigen_adafactor(
+  b1: float = 0.95,
+  b2: float = 0.95,
+  shampoo_beta: float | None = None,
+  eps: float = 1e-8,
+  precondition_frequency: int = 10,
+  max_precond_dim: int | None = None,
+  merge_dims: bool = False,
+  precondition_1d: bool = False,
+  correct_bias: bool = True,
+  *,
+  eps2: float = 1e-30,
+  block_size: int | None = None,
+  stacked_axes: int | None = None,
+  first_basis: Method = "eigh",
+  stagger_refresh: bool = False,
+  stats_dtype: DTypeLike | None = None,
+  basis_dtype: DTypeLike | None = None,
+  moment_dtype: DTypeLike | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Adafactor's direction in Shampoo's eigenbasis, to compose like optax's ``scale_by_*``.
+
+  ``chain(kronecker_stats, eigenbasis_refresh, rotated_adafactor)`` with one shared
+  :class:`~soap_optax.LayoutRule`, and nothing else (see :func:`eigen_adafactor`).
+
+  Args:
+    b1: first-moment decay in the eigenbasis.
+    b2: decay of the factored second moment.
+    shampoo_beta: decay of the factor statistics; ``None`` means ``b2``.
+    eps: added to ``√V``.
+    precondition_frequency: refresh the eigenbases every this many updates.
+    correct_bias: use Adam's bias correction.
+    eps2: Adafactor's ε₁, added to the squared rotated gradient.
+    {shared_args}
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> tx = optax.chain(soap_optax.scale_by_eigen_adafactor(), optax.scale(-1e-2))
+    >>> state = tx.init({"w": jnp.zeros((64, 32))})
+    >>> adafactor = optax.tree.get(state, "RotatedAdafactorState")
+    >>> adafactor.nu_row["w"].size + adafactor.nu_col["w"].size  # 64 + 32 numbers, not 64·32
+    96
+
+  References:
+    Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
+    <https://arxiv.org/abs/2409.11321>`_, 2024.
+  """
+  return optax.chain(*_eigen_adafactor_blocks(**locals()))
+
+
+@_shares_args
+def scale_by_eshampoo(
+  b1: float = 0.9,
+  b2: float = 0.95,
+  shampoo_beta: float | None = None,
+  eps: float = 1e-8,
+  precondition_frequency: int = 10,
+  max_precond_dim: int | None = None,
+  merge_dims: bool = False,
+  precondition_1d: bool = False,
+  refresh_tolerance: float = 0.01,
+  max_qr_iterations: int = 3,
+  *,
+  block_size: int | None = None,
+  stacked_axes: int | None = None,
+  first_basis: Method = "eigh",
+  stagger_refresh: bool = False,
+  stats_dtype: DTypeLike | None = None,
+  basis_dtype: DTypeLike | None = None,
+  moment_dtype: DTypeLike | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """EShampoo's direction with the adaptive refresh, to compose like optax's ``scale_by_*``.
+
+  ``chain(kronecker_stats, eigenbasis_refresh(refresh_tolerance=τ), eigenvalue_corrected)`` with
+  one shared :class:`~soap_optax.LayoutRule`, and nothing else (see :func:`eshampoo`).
+
+  Args:
+    b1: first-moment decay (parameter basis).
+    b2: decay of the corrected eigenvalues.
+    shampoo_beta: decay of the factor statistics; ``None`` means ``b2``.
+    eps: added to ``√D̂``.
+    precondition_frequency: how often the bases are tested (and refreshed when stale).
+    refresh_tolerance: τ in ``[0, 1]``; 0 refreshes every factor on every schedule.
+    max_qr_iterations: the most warm-started QR iterations per refresh.
+    {shared_args}
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> tx = optax.chain(soap_optax.scale_by_eshampoo(refresh_tolerance=0.05), optax.scale(-1e-2))
+    >>> state = tx.init({"w": jnp.zeros((8, 4))})
+    >>> sorted(optax.tree.get(state, "EigenbasisState").refreshes)
+    ['w:0', 'w:1']
+
+  References:
+    Eschenhagen et al., `Purifying Shampoo: Investigating Shampoo's Heuristics by Decomposing its
+    Preconditioner <https://arxiv.org/abs/2506.03595>`_, 2025.
+  """
+  return optax.chain(*_eshampoo_blocks(**locals()))
+
+
+# -- the optimizers -----------------------------------------------------------------------------
 
 
 @_shares_args
@@ -220,6 +671,8 @@ def soap(
     normalize_grads: divide each parameter's (block's) direction by its RMS.
     correct_bias: use Adam's bias correction.
     {shared_args}
+    weight_decay_mask: which parameters to decay (a tree of bools or a function of the params);
+      ``None`` decays all, as the reference does.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -244,27 +697,7 @@ def soap(
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
     <https://arxiv.org/abs/2409.11321>`_, 2024.
   """
-  _check_common(learning_rate, b1, b2, shampoo_beta, eps, weight_decay, precondition_frequency)
-  return _kronecker_chain(
-    rotated_adam(
-      b1,
-      b2,
-      eps,
-      correct_bias=correct_bias,
-      normalize_grads=normalize_grads,
-      moment_dtype=moment_dtype,
-    ),
-    learning_rate=learning_rate,
-    weight_decay=weight_decay,
-    weight_decay_mask=weight_decay_mask,
-    beta=b2 if shampoo_beta is None else shampoo_beta,
-    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes),
-    precondition_frequency=precondition_frequency,
-    stagger_refresh=stagger_refresh,
-    stats_dtype=stats_dtype,
-    basis_dtype=basis_dtype,
-    first_basis=first_basis,
-  )
+  return _kronecker_chain(_soap_blocks, locals())
 
 
 @_shares_args
@@ -330,6 +763,8 @@ def shampoo(
     refresh_tolerance: adaptive skip test of the refresh (0 refreshes on every schedule).
     max_qr_iterations: QR iterations per refresh when ``method="qr"``.
     {shared_args}
+    weight_decay_mask: which parameters to decay (a tree of bools or a function of the params);
+      ``None`` decays all, as the reference does.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -351,36 +786,7 @@ def shampoo(
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
     <https://arxiv.org/abs/2409.11321>`_, 2024.
   """
-  _check_common(learning_rate, b1, b2, shampoo_beta, eps, weight_decay, precondition_frequency)
-  _checks.check_positive("exponent", exponent)
-  _checks.check_nonnegative("graft_eps", graft_eps)
-  _checks.check_unit_interval("refresh_tolerance", refresh_tolerance, closed=True)
-  return _kronecker_chain(
-    shampoo_precondition(
-      exponent,
-      eps,
-      b1=b1,
-      relative_eps=relative_eps,
-      trace_scaling=trace_scaling,
-      grafting=grafting,
-      graft_b2=b2,
-      graft_eps=graft_eps,
-      moment_dtype=moment_dtype,
-    ),
-    learning_rate=learning_rate,
-    weight_decay=weight_decay,
-    weight_decay_mask=weight_decay_mask,
-    beta=b2 if shampoo_beta is None else shampoo_beta,
-    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes),
-    precondition_frequency=precondition_frequency,
-    stagger_refresh=stagger_refresh,
-    stats_dtype=stats_dtype,
-    basis_dtype=basis_dtype,
-    refresh_tolerance=refresh_tolerance,
-    max_qr_iterations=max_qr_iterations,
-    method=method,
-    first_basis=first_basis,
-  )
+  return _kronecker_chain(_shampoo_blocks, locals())
 
 
 @_shares_args
@@ -429,16 +835,19 @@ def eigen_adafactor(
     correct_bias: use Adam's bias correction.
     eps2: Adafactor's ε₁, added to the squared rotated gradient.
     {shared_args}
+    weight_decay_mask: which parameters to decay (a tree of bools or a function of the params);
+      ``None`` decays all, as the reference does.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
   Examples:
     >>> import jax.numpy as jnp
+    >>> import optax
     >>> import soap_optax
     >>> tx = soap_optax.eigen_adafactor(learning_rate=1e-2)
     >>> state = tx.init({"w": jnp.zeros((64, 32))})
-    >>> adafactor = state.inner_state[2]  # chain: stats, bases, Adafactor, lr, decay
+    >>> adafactor = optax.tree.get(state, "RotatedAdafactorState")  # wherever it sits
     >>> adafactor.nu_row["w"].size + adafactor.nu_col["w"].size  # 64 + 32 numbers, not 64·32
     96
 
@@ -446,30 +855,7 @@ def eigen_adafactor(
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
     <https://arxiv.org/abs/2409.11321>`_, 2024.
   """
-  _check_common(learning_rate, b1, b2, shampoo_beta, eps, weight_decay, precondition_frequency)
-  _checks.check_nonnegative("eps2", eps2)
-  layout = _layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes)
-  return _kronecker_chain(
-    rotated_adafactor(
-      b1,
-      b2,
-      eps,
-      layout=layout,
-      eps2=eps2,
-      correct_bias=correct_bias,
-      moment_dtype=moment_dtype,
-    ),
-    learning_rate=learning_rate,
-    weight_decay=weight_decay,
-    weight_decay_mask=weight_decay_mask,
-    beta=b2 if shampoo_beta is None else shampoo_beta,
-    layout=layout,
-    precondition_frequency=precondition_frequency,
-    stagger_refresh=stagger_refresh,
-    stats_dtype=stats_dtype,
-    basis_dtype=basis_dtype,
-    first_basis=first_basis,
-  )
+  return _kronecker_chain(_eigen_adafactor_blocks, locals())
 
 
 @_shares_args
@@ -520,37 +906,23 @@ def eshampoo(
     refresh_tolerance: τ in ``[0, 1]``; 0 refreshes every factor on every schedule.
     max_qr_iterations: the most warm-started QR iterations per refresh.
     {shared_args}
+    weight_decay_mask: which parameters to decay (a tree of bools or a function of the params);
+      ``None`` decays all, as the reference does.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
   Examples:
     >>> import jax.numpy as jnp
+    >>> import optax
     >>> import soap_optax
     >>> tx = soap_optax.eshampoo(learning_rate=1e-2, refresh_tolerance=0.05)
     >>> state = tx.init({"w": jnp.zeros((8, 4))})
-    >>> sorted(state.inner_state[1].refreshes)  # one counter per factor
+    >>> sorted(optax.tree.get(state, "EigenbasisState").refreshes)  # one counter per factor
     ['w:0', 'w:1']
 
   References:
     Eschenhagen et al., `Purifying Shampoo: Investigating Shampoo's Heuristics by Decomposing its
     Preconditioner <https://arxiv.org/abs/2506.03595>`_, 2025.
   """
-  _check_common(learning_rate, b1, b2, shampoo_beta, eps, weight_decay, precondition_frequency)
-  _checks.check_unit_interval("refresh_tolerance", refresh_tolerance, closed=True)
-  _checks.check_positive_int("max_qr_iterations", max_qr_iterations)
-  return _kronecker_chain(
-    eigenvalue_corrected(b1, b2, eps, moment_dtype=moment_dtype),
-    learning_rate=learning_rate,
-    weight_decay=weight_decay,
-    weight_decay_mask=weight_decay_mask,
-    beta=b2 if shampoo_beta is None else shampoo_beta,
-    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes),
-    precondition_frequency=precondition_frequency,
-    stagger_refresh=stagger_refresh,
-    stats_dtype=stats_dtype,
-    basis_dtype=basis_dtype,
-    refresh_tolerance=refresh_tolerance,
-    max_qr_iterations=max_qr_iterations,
-    first_basis=first_basis,
-  )
+  return _kronecker_chain(_eshampoo_blocks, locals())

@@ -27,7 +27,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from soap_optax._layout import FactorLayout, LayoutRule, from_blocks
 
@@ -181,25 +180,6 @@ def keyed(params, build: Callable[[str, Any], dict[str, Any]]):
   return out
 
 
-def per_parameter(fn, num_outputs: int, updates, *trees):
-  """Applies ``fn`` to each :class:`KroneckerUpdate` of ``updates`` with its state subtrees.
-
-  ``trees`` (parameter-shaped block states) have ``updates``' structure down to its records.
-  ``fn`` returns ``num_outputs`` values; the first is reassembled into a tree of ``updates``'
-  structure, the others too when they are parameter-shaped. Returns the reassembled trees.
-  """
-  treedef = jax.tree.structure(updates, is_leaf=is_carrier)
-  if treedef.num_leaves == 0:
-    return (updates, *trees[: num_outputs - 1])
-  columns = [treedef.flatten_up_to(t) for t in (updates, *trees)]
-  results = [fn(*args) for args in zip(*columns, strict=True)]
-  return tuple(treedef.unflatten([r[i] for r in results]) for i in range(num_outputs))
-
-
-def carriers_of(updates) -> list[KroneckerUpdate]:
-  return [c for c in jax.tree.leaves(updates, is_leaf=is_carrier) if is_carrier(c)]
-
-
 # -- checks --------------------------------------------------------------------------------------
 
 
@@ -248,11 +228,3 @@ def check_layout(carrier: KroneckerUpdate, rule: LayoutRule, block: str) -> None
       f"(factored {carrier.layout.factored}). Pass the same LayoutRule to every block of the "
       "chain."
     )
-
-
-def padding_counts(layout: FactorLayout, axis: int) -> np.ndarray:
-  """Per block, how many coordinates of axis ``axis`` are padding (0 without padding)."""
-  padding = layout.padding(axis)
-  if padding is None:
-    return np.zeros((layout.num_blocks,), np.int32)
-  return padding.sum(axis=1).astype(np.int32)

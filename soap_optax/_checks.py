@@ -1,8 +1,13 @@
-"""Argument validation shared by the aliases: fail at construction, naming the argument."""
+"""Argument validation shared by every public factory: fail at construction, naming the argument.
+
+Values that cannot be checked when the transformation is built (schedules, and the tracers that
+``optax.inject_hyperparams`` passes) are accepted as they are.
+"""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -48,3 +53,20 @@ def check_positive_int(name: str, value) -> None:
 def check_learning_rate(value) -> None:
   if not callable(value):
     check_nonnegative("learning_rate", value)
+
+
+def check_choice(name: str, value, choices) -> None:
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}.")
+
+
+def check_float_dtype(name: str, value) -> None:
+  """``value`` is None or names a floating dtype (storage dtypes of the state)."""
+  if value is None:
+    return
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError as e:
+    raise ValueError(f"{name} must be a floating dtype such as jnp.bfloat16, got {value!r}.") from e
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"{name} must be a floating dtype such as jnp.bfloat16, got {dtype}.")

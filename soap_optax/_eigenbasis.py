@@ -21,7 +21,7 @@ import optax
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from soap_optax import _linalg, _sharding
+from soap_optax import _checks, _linalg, _sharding
 from soap_optax._carrier import (
   KroneckerUpdate,
   check_layout,
@@ -85,8 +85,7 @@ class RefreshConfig:
 
   def __post_init__(self):
     for name in ("method", "first_basis"):
-      if getattr(self, name) not in _METHODS:
-        raise ValueError(f"{name} must be 'qr' or 'eigh', got {getattr(self, name)!r}.")
+      _checks.check_choice(name, getattr(self, name), _METHODS)
     if self.stagger and not isinstance(self.precondition_frequency, int):
       raise ValueError(
         "stagger=True needs a static (Python int) precondition_frequency; with "
@@ -361,6 +360,10 @@ def eigenbasis_refresh(
     Eschenhagen et al., `Purifying Shampoo: Investigating Shampoo's Heuristics by Decomposing its
     Preconditioner <https://arxiv.org/abs/2506.03595>`_, 2025.
   """
+  _checks.check_positive_int("precondition_frequency", precondition_frequency)
+  _checks.check_unit_interval("refresh_tolerance", refresh_tolerance, closed=True)
+  _checks.check_positive_int("max_qr_iterations", max_qr_iterations)
+  _checks.check_float_dtype("dtype", dtype)
   rule = layout or LayoutRule()
   config = RefreshConfig(
     precondition_frequency, method, first_basis, refresh_tolerance, max_qr_iterations, stagger

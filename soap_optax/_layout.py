@@ -43,9 +43,9 @@ def merge_dims(shape: Sequence[int], max_precond_dim: int) -> tuple[int, ...]:
     The merged shape; its product equals the product of ``shape``.
 
   Examples:
-    >>> soap_optax.merge_dims((3, 3, 64, 128), max_precond_dim=10000)
+    >>> soap_optax._layout.merge_dims((3, 3, 64, 128), max_precond_dim=10000)
     (576, 128)
-    >>> soap_optax.merge_dims((20000, 4, 4), max_precond_dim=100)
+    >>> soap_optax._layout.merge_dims((20000, 4, 4), max_precond_dim=100)
     (20000, 16)
   """
   merged = []

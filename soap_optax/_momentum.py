@@ -1,4 +1,9 @@
-"""Momentum as a bias-corrected moving average, with its state in float32."""
+"""Momentum as a bias-corrected moving average, with its state in float32.
+
+Deprecated (``soap_optax.ema_momentum`` warns): no optimizer of the family uses it since Shampoo
+filters the gradient before preconditioning, and ``optax.ema(decay, debias=True,
+accumulator_dtype=jnp.float32)`` covers its use. Removed in the next release.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import DTypeLike
 
+from soap_optax import _checks
 from soap_optax._carrier import storage_dtype
 
 EmaMomentumState = optax.EmaState
@@ -30,13 +36,15 @@ def ema_momentum(decay: float = 0.9, *, moment_dtype: DTypeLike | None = None):
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> import soap_optax
-    >>> tx = soap_optax.ema_momentum(0.9)
+    >>> from soap_optax._momentum import ema_momentum
+    >>> tx = ema_momentum(0.9)
     >>> u = {"w": jnp.ones(2, jnp.bfloat16)}
     >>> state = tx.init(u)
     >>> state.ema["w"].dtype, tx.update(u, state)[0]["w"].dtype
     (dtype('float32'), dtype(bfloat16))
   """
+  _checks.check_unit_interval("decay", decay)
+  _checks.check_float_dtype("moment_dtype", moment_dtype)
   inner = optax.ema(decay, debias=True)
 
   def init_fn(params):

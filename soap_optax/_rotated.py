@@ -21,7 +21,7 @@ import optax
 from jax import lax
 from jax.typing import DTypeLike
 
-from soap_optax import _sharding
+from soap_optax import _checks, _sharding
 from soap_optax._carrier import (
   KroneckerUpdate,
   check_layout,
@@ -37,6 +37,10 @@ Array = jax.Array
 
 
 # -- the skeleton --------------------------------------------------------------------------------
+
+
+# Where a rotated optimizer keeps a moment (see :class:`Moment`).
+MomentBasis = Literal["eigen", "diagonal", "parameter"]
 
 
 class Moment(NamedTuple):
@@ -55,7 +59,7 @@ class Moment(NamedTuple):
   """
 
   name: str
-  basis: Literal["eigen", "diagonal", "parameter"]
+  basis: MomentBasis
   shape: Callable[[FactorLayout], tuple[int, ...] | None] | None = None
 
 
@@ -246,6 +250,14 @@ def _step(carrier: KroneckerUpdate, stored: dict, *, direction, kinds, param_sha
   return from_blocks(jnp.where(live, step, 0), layout), back
 
 
+def _check_moments(*, b1, b2, eps, moment_dtype) -> None:
+  """The checks every rotated optimizer's moment arguments share."""
+  _checks.check_unit_interval("b1", b1)
+  _checks.check_unit_interval("b2", b2)
+  _checks.check_nonnegative("eps", eps)
+  _checks.check_float_dtype("moment_dtype", moment_dtype)
+
+
 # -- SOAP -----------------------------------------------------------------------------------------
 
 
@@ -328,6 +340,8 @@ def rotated_adam(
     Kingma and Ba, `Adam: A Method for Stochastic Optimization
     <https://arxiv.org/abs/1412.6980>`_, 2014.
   """
+
+  _check_moments(b1=b1, b2=b2, eps=eps, moment_dtype=moment_dtype)
 
   def direction(carrier, moments, rotation):
     g = rotation.into(carrier.grad)
@@ -439,6 +453,8 @@ def rotated_adafactor(
     Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory Cost
     <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
+  _check_moments(b1=b1, b2=b2, eps=eps, moment_dtype=moment_dtype)
+  _checks.check_nonnegative("eps2", eps2)
   rule = layout or LayoutRule()
 
   def direction(carrier, moments, rotation):
@@ -539,6 +555,8 @@ def eigenvalue_corrected(
     George et al., `Fast Approximate Natural Gradient Descent in a Kronecker-factored Eigenbasis
     <https://arxiv.org/abs/1806.03884>`_, 2018.
   """
+
+  _check_moments(b1=b1, b2=b2, eps=eps, moment_dtype=moment_dtype)
 
   def direction(carrier, moments, rotation):
     mu = optax.tree.update_moment(carrier.grad, moments["mu"], b1, 1)

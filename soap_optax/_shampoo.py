@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import DTypeLike
 
-from soap_optax import _grafting
+from soap_optax import _checks, _grafting
 from soap_optax._grafting import Grafting
 from soap_optax._linalg import debias
 from soap_optax._rotated import Moment, eigenbasis_optimizer
@@ -137,6 +137,12 @@ def shampoo_precondition(
     Optimizer <https://arxiv.org/abs/2309.06497>`_, 2023.
   """
   _grafting.check_grafting(grafting)
+  _checks.check_positive("exponent", exponent)
+  _checks.check_nonnegative("eps", eps)
+  _checks.check_unit_interval("b1", b1)
+  _checks.check_unit_interval("graft_b2", graft_b2)
+  _checks.check_nonnegative("graft_eps", graft_eps)
+  _checks.check_float_dtype("moment_dtype", moment_dtype)
   filtered = not (isinstance(b1, (int, float)) and b1 == 0)
   moments = []
   if filtered:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import DTypeLike
 
-from soap_optax import _linalg, _sharding
+from soap_optax import _checks, _linalg, _sharding
 from soap_optax._carrier import (
   KroneckerUpdate,
   compute_dtype,
@@ -109,6 +109,8 @@ def kronecker_stats(
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
     <https://arxiv.org/abs/2409.11321>`_, 2024.
   """
+  _checks.check_unit_interval("beta", beta)
+  _checks.check_float_dtype("dtype", dtype)
   rule = layout or LayoutRule()
 
   def init_fn(params):

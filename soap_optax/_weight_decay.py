@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from soap_optax import _checks
+
 
 class WeightDecayAfterStepState(NamedTuple):
   """State of :func:`add_decayed_weights_after_step`: the number of updates seen."""
@@ -53,6 +55,9 @@ def add_decayed_weights_after_step(
     >>> round(float((params + updates)[0]), 6)  # (1 − 0.1·0.5)·(2 − 1)
     0.95
   """
+
+  _checks.check_learning_rate(learning_rate)
+  _checks.check_nonnegative("weight_decay", weight_decay)
 
   def init_fn(params):
     del params

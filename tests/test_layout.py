@@ -26,7 +26,7 @@ from soap_optax import FactorLayout, LayoutRule
   ],
 )
 def test_merge_dims_merges_consecutive_axes_while_the_product_fits(shape, max_dim, merged):
-  assert soap_optax.merge_dims(shape, max_dim) == merged
+  assert soap_optax._layout.merge_dims(shape, max_dim) == merged
 
 
 @pytest.mark.parametrize(
@@ -39,7 +39,7 @@ def test_merge_dims_merges_consecutive_axes_while_the_product_fits(shape, max_di
   ],
 )
 def test_merge_dims_keeps_an_axis_longer_than_the_limit_on_its_own(shape, merged):
-  assert soap_optax.merge_dims(shape, 10000) == merged
+  assert soap_optax._layout.merge_dims(shape, 10000) == merged
 
 
 @pytest.mark.parametrize(
@@ -54,7 +54,7 @@ def test_merge_dims_keeps_an_axis_longer_than_the_limit_on_its_own(shape, merged
   ],
 )
 def test_merge_dims_absorbs_size_one_axes(shape, merged):
-  assert soap_optax.merge_dims(shape, 10000) == merged
+  assert soap_optax._layout.merge_dims(shape, 10000) == merged
 
 
 @pytest.mark.parametrize(
@@ -63,13 +63,13 @@ def test_merge_dims_absorbs_size_one_axes(shape, merged):
 )
 @pytest.mark.parametrize("max_dim", [0, 1, 4, 16, 10000])
 def test_merge_dims_preserves_the_number_of_elements(shape, max_dim):
-  assert math.prod(soap_optax.merge_dims(shape, max_dim)) == math.prod(shape)
+  assert math.prod(soap_optax._layout.merge_dims(shape, max_dim)) == math.prod(shape)
 
 
 @pytest.mark.parametrize("shape", [(3, 3, 64, 128), (2, 9, 5, 3), (7, 7, 7), (30, 2, 40)])
 def test_merged_axes_exceed_the_limit_only_when_a_single_axis_does(shape):
   max_dim = 32
-  for size in soap_optax.merge_dims(shape, max_dim):
+  for size in soap_optax._layout.merge_dims(shape, max_dim):
     assert size <= max_dim or size in shape
 
 

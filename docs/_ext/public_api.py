@@ -28,7 +28,6 @@ _BLOCK_ORDER = (
   "rotated_adafactor",
   "eigenvalue_corrected",
   "shampoo_precondition",
-  "ema_momentum",
   "add_decayed_weights_after_step",
   "skip_nonfinite_steps",
 )
