@@ -196,8 +196,8 @@ NUMERICS = [
 def _single_against_sharded(kind, name, table, seed, calls=3, **overrides):
   """The same ``calls`` steps of alias ``name`` (a refresh at count 2) on one device and sharded
   as ``table`` says on ``kind``'s mesh; asserts that the state's types stay those of init and
-  that the parameters keep their shardings, and returns (start, single-device, sharded)
-  parameters. The sharded run's last state is left in ``_single_against_sharded.last_state``."""
+  that the parameters keep their shardings, and returns the (start, single-device, sharded)
+  parameters and the sharded run's last state."""
   rng = np.random.default_rng(seed)
   values = [
     {k: rng.standard_normal(s).astype(np.float32) for k, (s, _) in table.items()}
@@ -222,8 +222,7 @@ def _single_against_sharded(kind, name, table, seed, calls=3, **overrides):
     sharded, state = run(
       lambda t: {k: jax.device_put(v, NamedSharding(m, table[k][1])) for k, v in t.items()}
     )
-  _single_against_sharded.last_state = state
-  return values[0], single, sharded
+  return values[0], single, sharded, state
 
 
 def assert_equal_runs(start, single, sharded):
@@ -236,7 +235,8 @@ def assert_equal_runs(start, single, sharded):
 
 @pytest.mark.parametrize("kind, name", NUMERICS)
 def test_a_sharded_run_equals_the_single_device_run(kind, name):
-  assert_equal_runs(*_single_against_sharded(kind, name, WELL_CONDITIONED, 3))
+  start, single, sharded, _ = _single_against_sharded(kind, name, WELL_CONDITIONED, 3)
+  assert_equal_runs(start, single, sharded)
 
 
 # -- a scanned model's stacked layers (stacked_axes=1) --------------------------------------------
@@ -276,9 +276,8 @@ def test_stacked_layers_keep_their_sharding_and_equal_the_single_device_run(
   kind, name, table, overrides
 ):
   calls = 4 if overrides.get("stagger_refresh") else 3
-  runs = _single_against_sharded(kind, name, table, 4, calls, stacked_axes=1, **overrides)
+  *runs, state = _single_against_sharded(kind, name, table, 4, calls, stacked_axes=1, **overrides)
   assert_equal_runs(*runs)
-  state = _single_against_sharded.last_state
   if overrides.get("block_size"):  # 4 layers of 2 blocks each: 8 statistics per factor
     stats = optax.tree.get(state, "KroneckerStatsState").stats
     assert {key: x.shape[0] for key, x in stats.items()} == dict.fromkeys(stats, 8), stats
