@@ -15,3 +15,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 # The mesh tests need 8 simulated devices, which must be set before JAX starts: tests/test_mesh.py
 # runs them in a process of their own.
 collect_ignore = [] if os.environ.get("SOAP_OPTAX_MESH_TESTS") else ["mesh"]
+
+
+def pytest_terminal_summary(terminalreporter):
+  """Counts the mesh suite's reruns after a crash (tests/test_mesh.py), so that none is silent."""
+  reports = terminalreporter.stats.get("warnings", [])
+  reruns = sum("MeshSuiteCrashed" in report.message for report in reports)
+  if reruns:
+    terminalreporter.write_line(
+      f"mesh suite reruns after a crash by signal: {reruns} (see the warnings summary)", yellow=True
+    )

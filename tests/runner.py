@@ -1,8 +1,10 @@
 """Runs an optax optimizer and an oracle over the same gradients, and compares the results.
 
-The comparisons here fail on any NaN: NumPy's ``assert_allclose`` and ``assert_array_equal`` (and
-chex's tree versions, built on them) count a NaN as equal to a NaN, so two runs broken the same
-way would agree.
+Every comparison here fails on any non-finite value, NaN or Inf, on either side: NumPy's
+``assert_allclose`` and ``assert_array_equal`` (and chex's tree versions, built on them) count a
+NaN as equal to a NaN and an Inf as equal to an Inf of the same sign, so two runs broken the same
+way would agree. A test that means to compare non-finite values says so and compares them
+itself.
 """
 
 from __future__ import annotations
@@ -67,11 +69,11 @@ def assert_updates_close(start, ours, reference, tol):
   assert not bad, f"errors above {tol}: {bad} (all: {errors})"
 
 
-def _assert_no_nan(*arrays, err_msg=""):
+def _assert_finite(*arrays, err_msg=""):
   for x in arrays:
     x = np.asarray(x)
     if jnp.issubdtype(x.dtype, jnp.floating):  # bfloat16 too, which NumPy does not count
-      assert not np.any(np.isnan(x.astype(np.float64))), f"NaN in {x!r} {err_msg}"
+      assert np.all(np.isfinite(x.astype(np.float64))), f"non-finite value in {x!r} {err_msg}"
 
 
 def assert_close(actual, desired, *, rtol=0.0, atol=0.0, err_msg=""):
@@ -84,8 +86,8 @@ def assert_close(actual, desired, *, rtol=0.0, atol=0.0, err_msg=""):
 
 
 def assert_equal(actual, expected, err_msg=""):
-  """``np.testing.assert_array_equal`` for which a NaN equals nothing."""
-  _assert_no_nan(actual, expected, err_msg=err_msg)
+  """``np.testing.assert_array_equal`` between finite arrays: fails on any NaN or Inf."""
+  _assert_finite(actual, expected, err_msg=err_msg)
   np.testing.assert_array_equal(actual, expected, err_msg=err_msg)
 
 
@@ -96,7 +98,7 @@ def assert_trees_close(actual, expected, *, rtol=0.0, atol=0.0):
 
 
 def assert_trees_equal(actual, expected):
-  """``chex.assert_trees_all_equal`` for which a NaN equals nothing."""
+  """``chex.assert_trees_all_equal`` between trees of finite values: fails on any NaN or Inf."""
   for x in jax.tree.leaves((actual, expected)):
-    _assert_no_nan(x)
+    _assert_finite(x)
   chex.assert_trees_all_equal(actual, expected)

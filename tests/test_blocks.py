@@ -477,7 +477,9 @@ def test_bases_do_not_change_between_refreshes(chain_run):
   _, history = chain_run
   for count in range(1, STEPS):
     old, new = history[count - 1][3], history[count][3]
-    changed = [not np.array_equal(q, single(old.basis[key])) for key, *_, q in factors(new.basis)]
+    bases = [(q, single(old.basis[key])) for key, *_, q in factors(new.basis)]
+    assert bases and all(np.all(np.isfinite(q)) for q, _ in bases), count  # a NaN is a change
+    changed = [not np.array_equal(q, q_old) for q, q_old in bases]
     assert all(changed) if count % 10 == 0 else not any(changed), count
 
 

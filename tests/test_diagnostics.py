@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from runner import assert_close, assert_equal
 
 import soap_optax
 
@@ -47,7 +48,7 @@ def _hand_made_state():
 def test_staleness_is_the_off_diagonal_share_of_the_rotated_statistic():
   report = soap_optax.diagnostics(_hand_made_state())
   # B = L = [[2, 1], [1, 2]]: ‖B − diag B‖_F = √2, ‖B‖_F = √10.
-  np.testing.assert_allclose(report.factors["w:0"].staleness, [np.sqrt(2 / 10)], rtol=1e-6)
+  assert_close(report.factors["w:0"].staleness, [np.sqrt(2 / 10)], rtol=1e-6)
 
 
 def test_staleness_is_zero_in_the_exact_eigenbasis():
@@ -61,18 +62,16 @@ def test_staleness_is_zero_in_the_exact_eigenbasis():
     refreshes=jnp.array([1], jnp.int32),
     iterations=jnp.array([0], jnp.int32),
   )
-  np.testing.assert_allclose(
-    soap_optax.diagnostics(state).factors["w:0"].staleness, [0.0], atol=1e-6
-  )
+  assert_close(soap_optax.diagnostics(state).factors["w:0"].staleness, [0.0], atol=1e-6, rtol=1e-7)
 
 
 def test_counters_and_spectrum_are_read_from_the_state():
   factor = soap_optax.diagnostics(_hand_made_state()).factors["w:0"]
-  np.testing.assert_array_equal(factor.refreshes, [4])
-  np.testing.assert_array_equal(factor.qr_iterations, [2])
-  np.testing.assert_allclose(factor.eigenvalue_max, [3.0])
-  np.testing.assert_allclose(factor.eigenvalue_min, [0.5])
-  np.testing.assert_allclose(factor.eigenvalue_spread, [6.0])
+  assert_equal(factor.refreshes, [4])
+  assert_equal(factor.qr_iterations, [2])
+  assert_close(factor.eigenvalue_max, [3.0], rtol=1e-7)
+  assert_close(factor.eigenvalue_min, [0.5], rtol=1e-7)
+  assert_close(factor.eigenvalue_spread, [6.0], rtol=1e-7)
 
 
 def test_every_factor_of_every_parameter_is_reported():
@@ -111,7 +110,7 @@ def test_diagnostics_under_jit_equal_the_eager_values():
   chex_leaves = zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True)
   count = 0
   for a, b in chex_leaves:
-    np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert_close(a, b, rtol=1e-6)
     count += 1
   assert count > 0
 

@@ -12,10 +12,16 @@ from oracles_family import (
   EigenAdafactorOracle,
   EShampooOracle,
   ShampooOracle,
-  adafactor_reference_step,
   idealized_claim,
 )
-from runner import cumulative_update_errors, run_optimizer, run_oracle
+from runner import (
+  assert_close,
+  assert_trees_close,
+  assert_trees_equal,
+  cumulative_update_errors,
+  run_optimizer,
+  run_oracle,
+)
 
 import soap_optax
 from soap_optax import KroneckerUpdate, LayoutRule
@@ -43,11 +49,24 @@ def _data(seed, shapes=SHAPES, steps=STEPS):
 
 SHAMPOO = {
   "power_half_adam_grafting": dict(lr=1e-2, precondition_frequency=4),
-  "power_quarter_no_grafting": dict(
-    lr=1e-3, exponent=0.25, grafting="none", eps=1e-6, precondition_frequency=3, weight_decay=0.1
+  "power_quarter_no_grafting_absolute_eps_adaptive_refresh": dict(
+    lr=1e-3,
+    exponent=0.25,
+    grafting="none",
+    eps=1e-2,  # absolute, against relative 1e-2·λ_max: they differ unless λ_max is 1
+    relative_eps=False,
+    refresh_tolerance=0.3,  # skips some, not all, of the scheduled refreshes
+    precondition_frequency=3,
+    weight_decay=0.1,
   ),
-  "trace_scaled_rmsprop_grafting": dict(
-    lr=1e-2, trace_scaling=True, grafting="rmsprop", b1=0.5, precondition_frequency=5
+  "trace_scaled_rmsprop_grafting_own_beta": dict(
+    lr=1e-2,
+    trace_scaling=True,
+    grafting="rmsprop",
+    graft_eps=0.5,  # above √ν (ν, not bias-corrected, is about 0.03·g² after 31 steps)
+    b1=0.5,
+    shampoo_beta=0.8,  # b2 is 0.999
+    precondition_frequency=5,
   ),
   "qr_refresh_sgd_grafting": dict(
     lr=1e-2, method="qr", grafting="sgd", precondition_frequency=3, max_precond_dim=16
@@ -85,10 +104,15 @@ def test_shampoo_matches_oracle_in_float32():
 
 EIGEN_ADAFACTOR = {
   "defaults": dict(),
-  "merged_fast_refresh": dict(
-    max_precond_dim=16, merge_dims=True, precondition_frequency=3, b1=0.9, b2=0.99
+  "merged_fast_refresh_own_beta": dict(
+    max_precond_dim=16, merge_dims=True, precondition_frequency=3, b1=0.9, b2=0.99, shampoo_beta=0.5
   ),
-  "no_bias_correction": dict(correct_bias=False, weight_decay=0.0, precondition_frequency=4),
+  "no_bias_correction_large_eps2": dict(
+    correct_bias=False,
+    weight_decay=0.0,
+    precondition_frequency=4,
+    eps2=0.1,  # the squared rotated gradients are about 1
+  ),
 }
 
 
@@ -114,8 +138,12 @@ def test_eigen_adafactor_matches_oracle_in_float32():
 ESHAMPOO = {
   "adaptive_defaults": dict(precondition_frequency=4),
   "fixed_schedule": dict(refresh_tolerance=0.0, max_qr_iterations=1, precondition_frequency=3),
-  "loose_tolerance_many_iterations": dict(
-    refresh_tolerance=0.2, max_qr_iterations=5, precondition_frequency=2, weight_decay=0.05
+  "loose_tolerance_many_iterations_own_beta": dict(
+    refresh_tolerance=0.2,
+    max_qr_iterations=5,
+    precondition_frequency=2,
+    weight_decay=0.05,
+    shampoo_beta=0.5,
   ),
 }
 
@@ -140,6 +168,39 @@ def test_eshampoo_matches_oracle_in_float32():
   assert max(errors.values()) < 1e-4, errors
 
 
+# Arguments the aliases pass on to their blocks, each set in a row of the tables above to a value
+# that changes the result, so that an alias that dropped one (and gave its block the default)
+# would fail that row's comparison.
+PASSED_ON = {
+  "shampoo": (
+    SHAMPOO,
+    ShampooOracle,
+    ("shampoo_beta", "graft_eps", "relative_eps", "refresh_tolerance"),
+  ),
+  "eigen_adafactor": (EIGEN_ADAFACTOR, EigenAdafactorOracle, ("shampoo_beta", "eps2")),
+  "eshampoo": (ESHAMPOO, EShampooOracle, ("shampoo_beta",)),
+}
+SEEDS = {"shampoo": 10, "eigen_adafactor": 12, "eshampoo": 14}  # of the float64 comparisons
+
+
+@pytest.mark.parametrize("name", PASSED_ON)
+def test_every_argument_the_alias_passes_on_is_set_where_it_changes_the_result(name):
+  """The oracle without the argument (at its default) differs from the row's: a float64 oracle
+  comparison, whose tolerance is 1e-8 at most, would see the argument dropped."""
+  table, oracle, arguments = PASSED_ON[name]
+  params, grads = _data(SEEDS[name])
+  for argument in arguments:
+    rows = [kwargs for kwargs in table.values() if argument in kwargs]
+    assert rows, f"no row of the {name} table sets {argument}"
+    for kwargs in rows:
+      reference = run_oracle(oracle(**kwargs), params, grads)
+      default = {k: v for k, v in kwargs.items() if k != argument}
+      errors = cumulative_update_errors(
+        params, run_oracle(oracle(**default), params, grads), reference
+      )
+      assert max(errors.values()) > 1e-3, (argument, kwargs, errors)
+
+
 # -- reductions ---------------------------------------------------------------------------------
 
 
@@ -152,20 +213,53 @@ def test_soap_with_nothing_rotated_is_adam_with_the_reference_conventions():
   assert max(errors.values()) < 1e-12, errors
 
 
-def test_adafactor_in_the_eigenbasis_with_nothing_rotated_is_adafactor():
-  params, grads = _data(17, shapes={"matrix": (5, 8), "tensor": (3, 4, 6), "vector": (4,)})
+def test_adafactor_in_the_eigenbasis_with_nothing_rotated_is_optax_s_factored_rms():
+  """With no axis rotated, the direction is optax's ``scale_by_factored_rms`` once both are set
+  to the same algorithm. Where they differ by default, and how each is set here:
+
+  * optax's second-moment decay follows a schedule, ``1 − (t+1)^−0.8``; ours is a constant ``b2``:
+    optax gets ``decay_rate_fn`` returning ``b2``.
+  * optax factors only when the second-largest axis has at least ``min_dim_size_to_factor`` (128)
+    entries; we factor every parameter of two axes or more: optax gets 1.
+  * optax keeps row and column *means* of ``g² + ε``, we keep *sums* (of ``g² + eps2``); the
+    estimate ``V = r c / Σr`` is the same from either, so the same ``ε`` in both is the test
+    that ``eps2`` sits where optax's ``epsilon`` does (inside, with the squared gradient).
+  * optax's direction is ``g / √V``, without momentum, bias correction or ``eps``: ours takes
+    ``b1 = 0``, ``correct_bias=False``, ``eps = 0`` (and no weight decay).
+  * Our first call only initialises (zero update, statistics untouched): optax starts on the
+    second gradient.
+  """
+  b2, lr, epsilon = 0.9, 1e-2, 1e-3
+  params, grads = _data(
+    17, shapes={"matrix": (5, 8), "tensor": (3, 4, 6), "vector": (4,), "scalar": ()}, steps=8
+  )
   with jax.enable_x64(True):
-    ours = run_optimizer(soap_optax.eigen_adafactor(max_precond_dim=0), params, grads, jnp.float64)
-  reference = {}
-  for name in params:
-    state, p = None, params[name]
-    for g in grads:
-      state, p = adafactor_reference_step(
-        state, p, g[name], 3e-3, 0.95, 0.95, 1e-8, 1e-30, 0.01, True
-      )
-    reference[name] = p
-  errors = cumulative_update_errors(params, ours, reference)
-  assert max(errors.values()) < 1e-12, errors
+    ours = soap_optax.eigen_adafactor(
+      lr,
+      b1=0.0,
+      b2=b2,
+      eps=0.0,
+      eps2=epsilon,
+      weight_decay=0.0,
+      correct_bias=False,
+      max_precond_dim=0,
+    )
+    theirs = optax.chain(
+      optax.scale_by_factored_rms(
+        min_dim_size_to_factor=1, epsilon=epsilon, decay_rate_fn=lambda count, rate: b2
+      ),
+      optax.scale_by_learning_rate(lr),
+    )
+    p = jax.tree.map(jnp.asarray, params)
+    state, their_state = ours.init(p), theirs.init(p)
+    step, their_step = jax.jit(ours.update), jax.jit(theirs.update)
+    first, state = step(jax.tree.map(jnp.asarray, grads[0]), state, p)
+    assert_trees_equal(first, jax.tree.map(jnp.zeros_like, p))
+    for g in grads[1:]:
+      g = jax.tree.map(jnp.asarray, g)
+      updates, state = step(g, state, p)
+      expected, their_state = their_step(g, their_state, p)
+      assert_trees_close(updates, expected, rtol=1e-12)
 
 
 def test_eshampoo_with_the_identity_basis_is_adam():
@@ -182,7 +276,7 @@ def test_eshampoo_with_the_identity_basis_is_adam():
       ours, state = step(g, state, params)
       theirs, adam_state = adam_step(g, adam_state, params)
       for name in params:
-        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-12, atol=1e-15)
+        assert_close(ours[name], theirs[name], rtol=1e-12, atol=1e-15)
 
 
 def test_shampoo_with_power_one_quarter_is_the_original_shampoo():
@@ -209,7 +303,7 @@ def test_shampoo_with_power_one_quarter_is_the_original_shampoo():
         continue
       stats = (1 - beta**t) * g @ g.T, (1 - beta**t) * g.T @ g  # after t calls
       want = _sym_power(stats[0], -0.25) @ g @ _sym_power(stats[1], -0.25)
-      np.testing.assert_allclose(-np.asarray(updates["w"]), want, rtol=1e-8)
+      assert_close(-np.asarray(updates["w"]), want, rtol=1e-8)
 
 
 def _sym_power(a, power):
@@ -265,9 +359,9 @@ def test_shampoo_half_with_trace_scaling_equals_adafactor_in_its_eigenbasis(shap
     row_axis, col_axis = factored_axes(shape)
     state = state._replace(nu_row={"w": sums[row_axis]}, nu_col={"w": sums[col_axis]})
     adafactor_step, _ = adafactor.update(carrier, state)
-  np.testing.assert_allclose(shampoo_step["w"], adafactor_step["w"], rtol=1e-9)
-  np.testing.assert_allclose(shampoo_step["w"], claim["shampoo"], rtol=1e-9)
-  np.testing.assert_allclose(adafactor_step["w"], claim["adafactor"], rtol=1e-9)
+  assert_close(shampoo_step["w"], adafactor_step["w"], rtol=1e-9)
+  assert_close(shampoo_step["w"], claim["shampoo"], rtol=1e-9)
+  assert_close(adafactor_step["w"], claim["adafactor"], rtol=1e-9)
 
 
 @pytest.mark.parametrize("b1", [0.0, 0.9])
@@ -287,4 +381,4 @@ def test_shampoo_s_first_real_step_has_the_norm_of_the_grafted_adam_step(b1):
   index = next(i for i, u in enumerate(steps) if np.any(u != 0))
   first, g = steps[index], grads[index]["w"].astype(np.float64)
   graft_norm = np.linalg.norm(g / (np.abs(g) + 1e-8))
-  np.testing.assert_allclose(np.linalg.norm(first), graft_norm, rtol=1e-4)
+  assert_close(np.linalg.norm(first), graft_norm, rtol=1e-4)

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 from aliases import ALIAS_PARAMS
-from runner import assert_trees_equal
+from runner import assert_equal, assert_trees_equal
 from test_blocks import CHAIN_SHAPES, chain_blocks  # its compiled chain, shared
 
 from soap_optax import KroneckerUpdate, LayoutRule, eigenbasis_refresh
@@ -31,7 +31,7 @@ def assert_zero(tree):
   leaves = jax.tree.leaves(tree)
   assert leaves, "nothing to check"
   for x in leaves:
-    np.testing.assert_array_equal(x, np.zeros(x.shape))  # a NaN is not zero
+    assert_equal(x, np.zeros(x.shape))  # a NaN is not zero
 
 
 def orthonormality_error(q):
@@ -41,20 +41,62 @@ def orthonormality_error(q):
 
 # -- argument validation ---------------------------------------------------------------------
 
+# Every argument an alias validates, with values outside its domain; each alias is checked on the
+# arguments its signature has.
 INVALID = [
   ("learning_rate", -1e-3),
   ("b1", -0.1),
   ("b1", 1.0),
   ("b2", -0.1),
   ("b2", 1.0),
+  ("shampoo_beta", -0.1),
+  ("shampoo_beta", 1.0),
   ("eps", -1e-8),
+  ("eps2", -1e-30),
+  ("weight_decay", -0.01),
   ("precondition_frequency", 0),
+  ("precondition_frequency", 2.5),
   ("max_precond_dim", -1),
+  ("exponent", 0.0),
+  ("exponent", -0.25),
+  ("grafting", "adagrad"),
+  ("graft_eps", -1e-8),
+  ("method", "svd"),
+  ("first_basis", "svd"),
+  ("refresh_tolerance", -0.01),
+  ("refresh_tolerance", 1.5),
+  ("max_qr_iterations", 0),
+  ("block_size", 0),
+  ("stacked_axes", -1),
+]
+INVALID_PARAMS = [
+  pytest.param(name, argument, value, id=f"{name}-{argument}={value}")
+  for name in aliases.ALIASES
+  for argument, value in INVALID
+  if argument in aliases.parameters(name)
 ]
 
 
-@pytest.mark.parametrize("argument, value", INVALID, ids=[f"{a}={v}" for a, v in INVALID])
-@pytest.mark.parametrize("name", ALIAS_PARAMS)
+def test_the_invalid_argument_table_covers_every_alias_argument_that_has_a_domain():
+  """Every argument but the free ones (flags, dtypes, masks) is in the table."""
+  free = {
+    "merge_dims",
+    "precondition_1d",
+    "normalize_grads",
+    "correct_bias",
+    "trace_scaling",
+    "relative_eps",
+    "stagger_refresh",
+    "weight_decay_mask",
+    "stats_dtype",
+    "basis_dtype",
+    "moment_dtype",
+  }
+  arguments = {a for name in aliases.ALIASES for a in aliases.parameters(name)}
+  assert arguments - free == {argument for argument, _ in INVALID}
+
+
+@pytest.mark.parametrize("name, argument, value", INVALID_PARAMS)
 def test_an_invalid_argument_raises_a_value_error_naming_it_at_construction(name, argument, value):
   with pytest.raises(ValueError, match=argument):
     aliases.make(name, **{argument: value})

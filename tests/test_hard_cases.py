@@ -144,11 +144,16 @@ def _hand_over_first_bases(oracle, library_state, params, block_size):
       _oracle_bases(oracle, name, block, True)[int(axis)] = q
 
 
-def _compare(name, shapes, tol, *, seed=0, hand_over=False, block_size=None, **kwargs):
-  """Runs alias ``name`` and its oracle over the same gradients in float64; asserts agreement."""
+def _compare(
+  name, shapes, tol, *, seed=0, hand_over=False, block_size=None, oracle_kwargs=(), **kwargs
+):
+  """Runs alias ``name`` and its oracle over the same gradients in float64; asserts agreement.
+
+  ``oracle_kwargs`` override ``kwargs`` for the oracle (an argument it spells differently).
+  """
   params, grads = _data(seed, shapes)
   settings = {**COMMON, **kwargs}
-  oracle = _oracle(name, block_size=block_size, **settings)
+  oracle = _oracle(name, block_size=block_size, **{**settings, **dict(oracle_kwargs)})
   with jax.enable_x64(True):
     tx = getattr(soap_optax, name)(block_size=block_size, **settings)
     p = {k: jnp.asarray(v) for k, v in params.items()}
@@ -218,6 +223,40 @@ def test_weight_decay_mask(name):
     1e-9,
     weight_decay=0.1,
     weight_decay_mask=mask,
+  )
+
+
+def test_a_weight_decay_mask_given_as_a_function_of_the_params():
+  """As optax's masks: the function gets the params and returns the tree of bools. This one decays
+  the matrices, not the vectors (the usual rule for biases); the oracle is told by name. The
+  masking is the aliases' shared frame, so one alias checks it, with nothing rotated (cheap to
+  compile; the rotation is not what this test is about)."""
+  shapes = {"matrix": (4, 4), "bias": (4,)}
+
+  def matrices(params):
+    return jax.tree.map(lambda p: p.ndim == 2, params)
+
+  want = {"matrix": True, "bias": False}
+  assert matrices({k: np.zeros(s) for k, s in shapes.items()}) == want
+  # The mask changes the result: the oracle without it decays the bias too.
+  params, grads = _data(0, shapes)
+  runs = []
+  for mask in (want, None):
+    oracle = _oracle("soap", **COMMON, max_precond_dim=0, weight_decay=0.1, weight_decay_mask=mask)
+    q = params
+    for g in grads:
+      q = oracle.step(q, g)
+    runs.append(q)
+  errors = cumulative_update_errors(params, runs[1], runs[0])
+  assert errors["matrix"] == 0.0 and errors["bias"] > 1e-3, errors
+  _compare(
+    "soap",
+    shapes,
+    1e-9,
+    max_precond_dim=0,
+    weight_decay=0.1,
+    weight_decay_mask=matrices,
+    oracle_kwargs={"weight_decay_mask": want},
   )
 
 

@@ -25,6 +25,7 @@ import pytest
 from aliases import ALIAS_PARAMS
 from flax import nnx
 from flax.training import train_state
+from runner import assert_close, assert_equal
 
 import soap_optax
 
@@ -140,9 +141,9 @@ def assert_same_params(actual: dict, expected: dict, *, rtol: float = 0.0, atol:
     a = actual[key]
     assert np.all(np.isfinite(a)) and np.all(np.isfinite(e)), key
     if rtol or atol:
-      np.testing.assert_allclose(a, e, rtol=rtol, atol=atol, err_msg=key)
+      assert_close(a, e, rtol=rtol, atol=atol, err_msg=key)
     else:
-      np.testing.assert_array_equal(a, e, err_msg=key)
+      assert_equal(a, e, err_msg=key)
 
 
 def factor_keys(state) -> set[str]:

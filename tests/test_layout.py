@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from oracles import factor_layout as reference_layout
+from runner import assert_equal
 
 import soap_optax
 from soap_optax import FactorLayout, LayoutRule
@@ -249,7 +250,7 @@ def test_stacked_blocks_are_each_slice_s_blocks_one_slice_after_another(shape):
   layout = LayoutRule(stacked_axes=k, block_size=4, precondition_1d=True).layout(shape)
   x = np.arange(math.prod(shape), dtype=np.float32).reshape(shape) + 1
   blocks = soap_optax._layout.to_blocks(jnp.asarray(x), layout)
-  np.testing.assert_array_equal(np.asarray(blocks), _numpy_blocks(x, k, 4))
+  assert_equal(np.asarray(blocks), _numpy_blocks(x, k, 4))
 
 
 @pytest.mark.parametrize("shape, settings", STACKED_CASES)
@@ -258,15 +259,15 @@ def test_from_blocks_restores_a_stacked_parameter(shape, settings):
   x = jnp.arange(math.prod(shape), dtype=jnp.float32).reshape(shape)
   blocks = soap_optax._layout.to_blocks(x, layout)
   assert blocks.shape == layout.blocked_shape
-  np.testing.assert_array_equal(np.asarray(soap_optax._layout.from_blocks(blocks, layout)), x)
+  assert_equal(np.asarray(soap_optax._layout.from_blocks(blocks, layout)), x)
 
 
 def test_padding_and_real_counts_repeat_for_every_slice():
   stacked = LayoutRule(stacked_axes=1, block_size=4).layout((3, 10, 7))
   alone = LayoutRule(block_size=4).layout((10, 7))
   for axis in (0, 1):
-    np.testing.assert_array_equal(stacked.padding(axis), np.tile(alone.padding(axis), (3, 1)))
-  np.testing.assert_array_equal(stacked.real_counts(), np.tile(alone.real_counts(), 3))
+    assert_equal(stacked.padding(axis), np.tile(alone.padding(axis), (3, 1)))
+  assert_equal(stacked.real_counts(), np.tile(alone.real_counts(), 3))
   assert stacked.real_counts().sum() == 3 * 10 * 7
 
 

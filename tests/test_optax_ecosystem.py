@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 from aliases import ALIAS_PARAMS
-from runner import assert_trees_close, assert_trees_equal, assert_updates_close
+from runner import assert_equal, assert_trees_close, assert_trees_equal, assert_updates_close
 
 # With max_precond_dim=5, "w" is rotated along its second axis and left alone along its first.
 SHAPES = {"w": (6, 3), "b": (3,)}
@@ -186,7 +186,7 @@ def test_an_injected_learning_rate_of_zero_stops_the_updates_without_recompiling
   for g in grads[3:]:
     _, state, updates = step(params, state, g)
     for u in jax.tree.leaves(updates):
-      np.testing.assert_array_equal(u, np.zeros(u.shape))  # a NaN is not zero
+      assert_equal(u, np.zeros(u.shape))  # a NaN is not zero
 
 
 # The injected optimizer first runs with these values, then every numeric hyperparameter changes

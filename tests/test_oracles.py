@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from runner import assert_close, assert_equal
 
 try:  # works whether or not tests/ is a package
   from tests.oracles import (
@@ -95,8 +96,8 @@ def test_no_rotation_is_reference_adam(merge, lr):
   for want, have, g in zip(expected, got, grads, strict=True):
     cur = adam.step(cur, g)
     for k in params:
-      np.testing.assert_allclose(have[k], want[k], rtol=1e-13, atol=1e-15)
-      np.testing.assert_allclose(cur[k], want[k], rtol=1e-13, atol=1e-15)
+      assert_close(have[k], want[k], rtol=1e-13, atol=1e-15)
+      assert_close(cur[k], want[k], rtol=1e-13, atol=1e-15)
 
 
 def test_first_call_returns_params_unchanged():
@@ -105,14 +106,14 @@ def test_first_call_returns_params_unchanged():
   opt = SoapOracle(lr=0.1, weight_decay=0.5, precondition_1d=True)
   new = opt.step(params, _random_tree(rng))
   for k in params:
-    np.testing.assert_array_equal(new[k], params[k])
+    assert_equal(new[k], params[k])
     assert opt.state[k]["step"] == 0
-    np.testing.assert_array_equal(opt.state[k]["m"], 0.0)
+    assert_equal(opt.state[k]["m"], 0.0)
   assert opt.count == 1
 
 
 def _check_orthonormal(q):
-  np.testing.assert_allclose(q.T @ q, np.eye(q.shape[0]), atol=1e-12)
+  assert_close(q.T @ q, np.eye(q.shape[0]), atol=1e-12, rtol=1e-7)
 
 
 @pytest.mark.parametrize("merge", [False, True])
@@ -129,10 +130,10 @@ def test_initial_eigh_bases(merge):
       if gg is None:
         continue
       unfolded = np.moveaxis(work, axis, 0).reshape(work.shape[axis], -1)
-      np.testing.assert_allclose(gg, 0.1 * unfolded @ unfolded.T, rtol=1e-13)
+      assert_close(gg, 0.1 * unfolded @ unfolded.T, rtol=1e-13)
       _check_orthonormal(q)
       d = q.T @ gg @ q
-      np.testing.assert_allclose(d, np.diag(np.diag(d)), atol=1e-12)
+      assert_close(d, np.diag(np.diag(d)), atol=1e-12, rtol=1e-7)
       assert np.all(np.diff(np.diag(d)) <= 1e-12)
 
 
@@ -142,8 +143,8 @@ def test_projection_is_two_sided_rotation():
   opt.step({"w": np.zeros((4, 6))}, {"w": rng.normal(size=(4, 6))})
   ql, qr = opt.state["w"]["Q"]
   x = rng.normal(size=(4, 6))
-  np.testing.assert_allclose(opt.project("w", x), ql.T @ x @ qr, atol=1e-13)
-  np.testing.assert_allclose(opt.project_back("w", opt.project("w", x)), x, atol=1e-13)
+  assert_close(opt.project("w", x), ql.T @ x @ qr, atol=1e-13, rtol=1e-7)
+  assert_close(opt.project_back("w", opt.project("w", x)), x, atol=1e-13, rtol=1e-7)
 
 
 def test_refresh_schedule_orthonormality_and_carried_momentum():
@@ -176,7 +177,7 @@ def test_refresh_schedule_orthonormality_and_carried_momentum():
         if basis is not None:
           _check_orthonormal(basis)
       # m is carried exactly: in parameter space it is the plain EMA of gradients.
-      np.testing.assert_allclose(opt.project_back(k, st["m"]), ema[k], atol=1e-12)
+      assert_close(opt.project_back(k, st["m"]), ema[k], atol=1e-12, rtol=1e-7)
   assert refreshed == [10] * len(shapes) + [20] * len(shapes)
 
 
@@ -186,15 +187,16 @@ def test_normalize_grads_unit_rms():
   p = {"w": rng.normal(size=(3, 4))}
   p = opt.step(p, {"w": rng.normal(size=(3, 4))})
   new = opt.step(p, {"w": rng.normal(size=(3, 4))})
-  np.testing.assert_allclose(np.sqrt(np.mean((new["w"] - p["w"]) ** 2)), 1.0, rtol=1e-12)
+  assert_close(np.sqrt(np.mean((new["w"] - p["w"]) ** 2)), 1.0, rtol=1e-12)
 
 
 def test_run_soap_accepts_grad_function():
   target = np.arange(6.0).reshape(2, 3)
   hist = run_soap({"w": np.zeros((2, 3))}, lambda p: {"w": p["w"] - target}, num_steps=3)
   assert len(hist) == 3
-  np.testing.assert_array_equal(hist[0]["w"], 0.0)
-  assert not np.allclose(hist[2]["w"], 0.0)
+  assert_equal(hist[0]["w"], 0.0)
+  moved = hist[2]["w"]
+  assert np.all(np.isfinite(moved)) and np.any(moved != 0.0), moved  # np.allclose passes a NaN
 
 
 # -- staggered refresh -------------------------------------------------------------------------
@@ -242,5 +244,5 @@ def test_soap_stagger_refreshes_only_due_factors_and_carries_momentum():
         if t % freq == opt.phases[k][axis]:
           assert np.max(np.abs(q - before[k][axis])) > 1e-8
         else:
-          np.testing.assert_array_equal(q, before[k][axis])
-      np.testing.assert_allclose(opt.project_back(k, opt.state[k]["m"]), ema[k], atol=1e-12)
+          assert_equal(q, before[k][axis])
+      assert_close(opt.project_back(k, opt.state[k]["m"]), ema[k], atol=1e-12, rtol=1e-7)

@@ -30,6 +30,7 @@ import optax
 import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
+from runner import assert_close
 
 import soap_optax
 
@@ -365,4 +366,4 @@ def test_a_float16_direction_that_overflows_before_the_learning_rate_is_finite()
   grads = jnp.array([1e-4, -2e-4, 3e-4], jnp.float16)
   in_float32 = two_jitted_steps(tx, grads.astype(jnp.float32))
   in_float16 = two_jitted_steps(tx, grads)
-  np.testing.assert_allclose(np.asarray(in_float16, np.float32), in_float32, rtol=1e-2)
+  assert_close(np.asarray(in_float16, np.float32), in_float32, rtol=1e-2)

@@ -1,10 +1,18 @@
-"""Specification of the oracle comparison in `runner.py`: it must never pass on a NaN or an Inf."""
+"""Specification of the comparisons in `runner.py`: none may ever pass on a NaN or an Inf."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from runner import assert_updates_close, cumulative_update_errors
+from runner import (
+  assert_close,
+  assert_equal,
+  assert_trees_close,
+  assert_trees_equal,
+  assert_updates_close,
+  cumulative_update_errors,
+)
 
 TOL = 1e-6  # far looser than the exact agreement below: only a non-finite value can fail
 
@@ -63,3 +71,35 @@ def test_an_error_above_the_tolerance_fails_and_is_reported():
   ours["third"] = ours["third"] + 1e-3
   with pytest.raises(AssertionError, match="third"):
     assert_updates_close(start, ours, reference, TOL)
+
+
+# -- the array and tree comparisons -----------------------------------------------------------
+
+HELPERS = {
+  "assert_close": lambda a, b: assert_close(a, b, rtol=1e-3),
+  "assert_equal": assert_equal,
+  "assert_trees_close": lambda a, b: assert_trees_close({"x": a}, {"x": b}, rtol=1e-3),
+  "assert_trees_equal": lambda a, b: assert_trees_equal({"x": a}, {"x": b}),
+}
+BAD = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("helper", HELPERS)
+def test_every_comparison_accepts_equal_finite_arrays(helper, dtype):
+  x = jnp.asarray([1.0, -2.0, 0.5], dtype)
+  HELPERS[helper](x, x)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("side", ["actual", "expected", "both"])
+@pytest.mark.parametrize("bad", BAD)
+@pytest.mark.parametrize("helper", HELPERS)
+def test_every_comparison_fails_on_a_non_finite_value(helper, bad, side, dtype):
+  """Even where both sides hold the same NaN or Inf, which NumPy and chex count as equal."""
+  good = jnp.asarray([1.0, -2.0, 0.5], dtype)
+  broken = good.at[1].set(BAD[bad])
+  actual = broken if side in ("actual", "both") else good
+  expected = broken if side in ("expected", "both") else good
+  with pytest.raises(AssertionError):
+    HELPERS[helper](actual, expected)

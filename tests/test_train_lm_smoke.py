@@ -6,10 +6,13 @@ import os
 import subprocess
 import sys
 
+import aliases
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from runner import assert_equal
 
 pytest.importorskip("flax")
 pytest.importorskip("tqdm")
@@ -97,15 +100,39 @@ def test_unknown_optimizer_is_rejected():
     train_lm.make_optimizer(train_lm.TrainConfig(optimizer="sgd"))
 
 
+def test_the_example_offers_every_alias_and_optax_s_baselines():
+  assert set(train_lm.SOAP_OPTIMIZERS) == set(aliases.ALIASES)
+  assert set(train_lm.OPTIMIZERS) == set(aliases.ALIASES) | {"adamw", "adafactor"}
+
+
 @pytest.mark.parametrize("name", train_lm.OPTIMIZERS)
-def test_make_optimizer_builds_and_updates(name):
-  """Every optimizer the example offers builds from its flags and takes a finite step."""
+def test_make_optimizer_builds_and_takes_real_steps(name):
+  """Every optimizer the example offers builds from its flags and, past the warm-up (whose first
+  learning rate is 0) and the Kronecker optimizers' initialising first call, takes a finite,
+  non-zero step on every parameter that lowers a quadratic loss."""
   config = train_lm.TrainConfig(optimizer=name, steps=10, warmup_steps=2, refresh_tolerance=None)
   tx = train_lm.make_optimizer(config)
+  target = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), "b": jnp.array([0.5, -0.5, 1.0])}
+
+  def loss(params):
+    return sum(jnp.sum((params[k] - target[k]) ** 2) for k in target)
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state, updates
+
   params = {"w": jnp.ones((4, 3)), "b": jnp.zeros((3,))}
-  grads = {"w": jnp.full((4, 3), 0.1), "b": jnp.full((3,), -0.1)}
-  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-  assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(updates))
+  state = tx.init(params)
+  start = loss(params)
+  for _ in range(4):  # learning rates 0, lr/2, lr, then the cosine decay
+    params, state, updates = step(params, state)
+  assert config.warmup_steps < 4
+  leaves = jax.tree.leaves(updates)
+  assert len(leaves) == 2
+  for u in leaves:
+    assert np.all(np.isfinite(u)) and np.any(np.asarray(u) != 0), u
+  assert float(loss(params)) < float(start), (float(loss(params)), float(start))
 
 
 # -- checkpoints -----------------------------------------------------------------------------
@@ -154,7 +181,7 @@ def test_a_resumed_run_ends_exactly_as_the_uninterrupted_run(tmp_path):
   final = _restore_state(checkpoints / "12")
   assert sorted(final) == sorted(uninterrupted) and any("opt_state" in k for k in final)
   for key, value in uninterrupted.items():
-    np.testing.assert_array_equal(final[key], value, err_msg=key)
+    assert_equal(final[key], value, err_msg=key)
 
 
 # -- device mesh -----------------------------------------------------------------------------

@@ -189,16 +189,19 @@ NUMERICS = [
   pytest.param("explicit-2d", "soap", id="soap-explicit-2d"),
   pytest.param("explicit-2d", "shampoo", id="shampoo-explicit-2d"),
   pytest.param("auto-2d", "eshampoo", id="eshampoo-auto-2d"),
+  pytest.param("explicit-2d", "eigen_adafactor", id="eigen_adafactor-explicit-2d"),
 ]
 
 
-def _single_against_sharded(kind, name, table, seed, **overrides):
-  """The same four steps of alias ``name`` (a refresh at count 2) on one device and sharded as
-  ``table`` says on ``kind``'s mesh; asserts that the state's types stay those of init and that
-  the parameters keep their shardings, and returns (start, single-device, sharded) parameters."""
+def _single_against_sharded(kind, name, table, seed, calls=3, **overrides):
+  """The same ``calls`` steps of alias ``name`` (a refresh at count 2) on one device and sharded
+  as ``table`` says on ``kind``'s mesh; asserts that the state's types stay those of init and
+  that the parameters keep their shardings, and returns the (start, single-device, sharded)
+  parameters and the sharded run's last state."""
   rng = np.random.default_rng(seed)
   values = [
-    {k: rng.standard_normal(s).astype(np.float32) for k, (s, _) in table.items()} for _ in range(4)
+    {k: rng.standard_normal(s).astype(np.float32) for k, (s, _) in table.items()}
+    for _ in range(1 + calls)
   ]
   tx = optimizer(name, max_precond_dim=16, **overrides)
 
@@ -211,15 +214,15 @@ def _single_against_sharded(kind, name, table, seed, **overrides):
       assert types(new_state) == types(state)
       params, state = optax.apply_updates(params, updates), new_state
     assert_same_shardings(params, place(values[0]))
-    return jax.tree.map(np.asarray, params)
+    return jax.tree.map(np.asarray, params), state
 
   m = mesh(kind)
-  single = run(lambda t: jax.device_put(t, jax.devices()[0]))
+  single, _ = run(lambda t: jax.device_put(t, jax.devices()[0]))
   with jax.set_mesh(m):
-    sharded = run(
+    sharded, state = run(
       lambda t: {k: jax.device_put(v, NamedSharding(m, table[k][1])) for k, v in t.items()}
     )
-  return values[0], single, sharded
+  return values[0], single, sharded, state
 
 
 def assert_equal_runs(start, single, sharded):
@@ -232,7 +235,8 @@ def assert_equal_runs(start, single, sharded):
 
 @pytest.mark.parametrize("kind, name", NUMERICS)
 def test_a_sharded_run_equals_the_single_device_run(kind, name):
-  assert_equal_runs(*_single_against_sharded(kind, name, WELL_CONDITIONED, 3))
+  start, single, sharded, _ = _single_against_sharded(kind, name, WELL_CONDITIONED, 3)
+  assert_equal_runs(start, single, sharded)
 
 
 # -- a scanned model's stacked layers (stacked_axes=1) --------------------------------------------
@@ -243,28 +247,41 @@ STACKED = {
 }
 
 
-@pytest.mark.parametrize(
-  "kind, name", [("explicit-2d", "soap"), ("auto-2d", "shampoo"), ("explicit-2d", "eshampoo")]
-)
-def test_stacked_layers_keep_their_sharding_and_equal_the_single_device_run(kind, name):
-  assert_equal_runs(*_single_against_sharded(kind, name, STACKED, 4, stacked_axes=1))
+# Two stacked kernels, so that two factors can refresh at different steps.
+STACKED_TWO_FACTORS = {
+  **STACKED,
+  "tall_kernel": ((4, 64, 16), P(None, "tp", "fsdp")),  # 4 layers of the well-conditioned "tall"
+}
+STACKED_CASES = [
+  pytest.param("explicit-2d", "soap", STACKED, {}, id="soap-explicit-2d"),
+  pytest.param("auto-2d", "shampoo", STACKED, {}, id="shampoo-auto-2d"),
+  # Blocks of 32 along the long axes, which the shards cut too (the short sides, still factored,
+  # keep 32 rows or columns per block: well conditioned), and the two factors' refreshes
+  # staggered over the window of 2 updates: blocks and stagger on a mesh, in one case for the
+  # cost of one compile. Tolerance 0 makes every scheduled refresh happen, so that the counts
+  # show the stagger: after 4 calls (counts 0 to 3) one factor has refreshed at count 2, the
+  # other at counts 1 and 3 (without the stagger, both at count 2 only).
+  pytest.param(
+    "explicit-2d",
+    "eshampoo",
+    STACKED_TWO_FACTORS,
+    dict(block_size=32, stagger_refresh=True, refresh_tolerance=0.0),
+    id="eshampoo-blocks-staggered-explicit-2d",
+  ),
+]
 
 
-# -- optax's own sharding checks, run on soap_optax's optimizers --------------------------------
-
-
-@pytest.mark.parametrize("name", aliases.ALIASES)
-def test_optax_sharding_checks_pass(name):
-  """The checks of optax/_src/sharding_test.py: abstract init, and state types that init,
-  update and their jitted versions agree on, for float16 parameters sharded on an explicit mesh."""
-  tx = aliases.ALIASES[name](learning_rate=1.0)
-  assert tx.init(jax.ShapeDtypeStruct(shape=(2, 4, 8), dtype=jnp.float32)) is not None
-  m = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
-  with jax.set_mesh(m):
-    params = jnp.zeros((2, 8, 4), jnp.float16, out_sharding=NamedSharding(m, P(None, "x")))
-    state0, state1 = tx.init(params), jax.jit(tx.init)(params)
-    _, state2 = tx.update(params, state0, params)
-    _, state3 = jax.jit(tx.update)(params, state0, params)
-  assert types(state1) == types(state0)
-  assert types(state2) == types(state0)
-  assert types(state3) == types(state2)
+@pytest.mark.parametrize("kind, name, table, overrides", STACKED_CASES)
+def test_stacked_layers_keep_their_sharding_and_equal_the_single_device_run(
+  kind, name, table, overrides
+):
+  calls = 4 if overrides.get("stagger_refresh") else 3
+  *runs, state = _single_against_sharded(kind, name, table, 4, calls, stacked_axes=1, **overrides)
+  assert_equal_runs(*runs)
+  if overrides.get("block_size"):  # 4 layers of 2 blocks each: 8 statistics per factor
+    stats = optax.tree.get(state, "KroneckerStatsState").stats
+    assert {key: x.shape[0] for key, x in stats.items()} == dict.fromkeys(stats, 8), stats
+  if overrides.get("stagger_refresh"):
+    refreshes = optax.tree.get(state, "refreshes")
+    counts = {key: int(np.max(np.asarray(n))) for key, n in refreshes.items()}
+    assert len(counts) == 2 and len(set(counts.values())) == 2, counts  # the refreshes spread
