@@ -188,6 +188,12 @@ def build_muon(learning_rate: float, **kwargs) -> optax.GradientTransformation:
   `in_auto_sharding`).
   """
   train_lm = import_train_lm()
+  if "muon_weight_dimension_numbers" not in inspect.signature(optax.contrib.muon).parameters:
+    # Without it this optax's muon orthogonalises every matrix, embeddings included: a different
+    # optimizer from the baseline the benchmarks mean, so refuse rather than measure it.
+    raise ValueError(
+      f"optax {optax.__version__}'s contrib.muon has no muon_weight_dimension_numbers"
+    )
   options = dict(kwargs)
   renamed = {}
   if "b1" in options:
