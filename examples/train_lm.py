@@ -176,10 +176,11 @@ def muon_dimension_numbers(params) -> Any:
   """Which parameters `optax.contrib.muon` orthogonalises: the hidden 2-D kernels.
 
   A tree like `params` with `MuonDimensionNumbers()` (rows = inputs, columns = outputs, as
-  `nnx.Linear` stores its kernel) at every matrix inside the transformer blocks and None
-  elsewhere; None sends a parameter to Muon's Adam half. So the embeddings, the output head
-  (tied to the byte embedding here, or a separate `head`/`lm_head` matrix in another model),
-  the biases and the LayerNorm parameters get Adam, as Muon is meant to be used.
+  `nnx.Linear` stores its kernel) at every 2-D parameter whose path names none of
+  `MUON_ADAM_MATRICES`, and None elsewhere; None sends a parameter to Muon's Adam half. In the
+  example's model that leaves the four kernels of every block to Muon, and the embeddings, the
+  output head (tied to the byte embedding here, or a separate `head`/`lm_head` matrix in
+  another model), the biases and the LayerNorm parameters to Adam, as Muon is meant to be used.
   """
 
   def rule(path, x):
@@ -920,8 +921,8 @@ flags.DEFINE_float(
 flags.DEFINE_float(
   "muon_consistent_rms",
   None,
-  "muon only: scale Muon's updates to this RMS times sqrt(max(fan_in, fan_out)) "
-  "(0.2 matches AdamW); default optax's width scaling.",
+  "muon only: scale Muon's updates to about this RMS (0.2 matches AdamW's, so one learning "
+  "rate suits both halves); default optax's width scaling.",
 )
 flags.DEFINE_integer(
   "precondition_frequency", _D.precondition_frequency, "Steps between preconditioner refreshes."
