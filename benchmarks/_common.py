@@ -32,7 +32,7 @@ SOAP_OPTIMIZERS = ("soap", "shampoo", "eigen_adafactor", "eshampoo")
 # threads fight XLA's thread pool and can slow a refresh by 100x on few-core
 # machines. Set before any linear algebra runs; an explicit setting wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-OPTAX_OPTIMIZERS = ("adamw", "adafactor")
+OPTAX_OPTIMIZERS = ("adamw", "adafactor", "muon")
 
 
 def machine_info() -> dict[str, Any]:
@@ -168,10 +168,47 @@ def build_optimizer(
     return call_with_supported_kwargs(optax.adamw, learning_rate=learning_rate, **kwargs)
   if name == "adafactor":
     return call_with_supported_kwargs(optax.adafactor, learning_rate=learning_rate, **kwargs)
+  if name == "muon":
+    return build_muon(learning_rate, **kwargs)
   fn = soap_optax_fn(name)
   if fn is None:
     raise ValueError(f"Optimizer {name!r} is not available.")
   return call_with_supported_kwargs(fn, learning_rate=learning_rate, **kwargs)
+
+
+def build_muon(learning_rate: float, **kwargs) -> optax.GradientTransformation:
+  """`optax.contrib.muon` as the LM example uses it: Muon on the hidden kernels, Adam elsewhere.
+
+  Which parameters are Muon's is `examples/train_lm.py`'s `muon_dimension_numbers` (every 2-D
+  parameter but the embeddings and an output head; on `gpt_param_shapes` that leaves `embed` to
+  Adam). The soap_optax-style options map as in the example: `b1` is Muon's momentum and Adam's
+  b1, `b2` Adam's b2 and `weight_decay` applies to both halves; any other option (e.g.
+  `consistent_rms=0.2`, `adam_learning_rate`) goes to `optax.contrib.muon` as it is. On an
+  explicit-sharding mesh the update runs in an automatic-sharding region (see the example's
+  `in_auto_sharding`).
+  """
+  train_lm = import_train_lm()
+  if "muon_weight_dimension_numbers" not in inspect.signature(optax.contrib.muon).parameters:
+    # Without it this optax's muon orthogonalises every matrix, embeddings included: a different
+    # optimizer from the baseline the benchmarks mean, so refuse rather than measure it.
+    raise ValueError(
+      f"optax {optax.__version__}'s contrib.muon has no muon_weight_dimension_numbers"
+    )
+  options = dict(kwargs)
+  renamed = {}
+  if "b1" in options:
+    renamed["beta"] = renamed["adam_b1"] = options.pop("b1")
+  if "b2" in options:
+    renamed["adam_b2"] = options.pop("b2")
+  if "weight_decay" in options:
+    renamed["weight_decay"] = renamed["adam_weight_decay"] = options.pop("weight_decay")
+  tx = call_with_supported_kwargs(
+    optax.contrib.muon,
+    learning_rate=learning_rate,
+    muon_weight_dimension_numbers=train_lm.muon_dimension_numbers,
+    **{**renamed, **options},
+  )
+  return train_lm.in_auto_sharding(tx)
 
 
 # ----------------------------------------------------------------------------

@@ -80,7 +80,7 @@ import lm_model  # noqa: E402
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 SOAP_OPTIMIZERS = ("soap", "shampoo", "eigen_adafactor", "eshampoo")
-OPTAX_OPTIMIZERS = ("adamw", "adafactor")
+OPTAX_OPTIMIZERS = ("adamw", "adafactor", "muon")
 OPTIMIZERS = SOAP_OPTIMIZERS + OPTAX_OPTIMIZERS
 # Evaluation batches are drawn with a fixed seed, independent of --seed, so the
 # validation loss of runs with different seeds is measured on the same bytes.
@@ -96,6 +96,8 @@ class TrainConfig:
   b1: float = 0.95
   b2: float = 0.95
   weight_decay: float = 0.01
+  muon_adam_learning_rate: float | None = None
+  muon_consistent_rms: float | None = None
   precondition_frequency: int = 10
   refresh_tolerance: float | None = None
   stagger_refresh: bool = False
@@ -164,6 +166,92 @@ def _call_with_supported_kwargs(fn, **kwargs):
   return fn(**{k: v for k, v in kwargs.items() if k in params})
 
 
+# Parameters that Muon leaves to its Adam half even though they are matrices: the byte embedding
+# (also the tied output head) and the position embedding. Their rows are looked up, not multiplied
+# by an activation, so orthogonalising their update has no meaning (Jordan, 2024).
+MUON_ADAM_MATRICES = frozenset({"embed", "embedding", "pos_embed", "head", "lm_head"})
+
+
+def muon_dimension_numbers(params) -> Any:
+  """Which parameters `optax.contrib.muon` orthogonalises: the hidden 2-D kernels.
+
+  A tree like `params` with `MuonDimensionNumbers()` (rows = inputs, columns = outputs, as
+  `nnx.Linear` stores its kernel) at every 2-D parameter whose path names none of
+  `MUON_ADAM_MATRICES`, and None elsewhere; None sends a parameter to Muon's Adam half. In the
+  example's model that leaves the four kernels of every block to Muon, and the embeddings, the
+  output head (tied to the byte embedding here, or a separate `head`/`lm_head` matrix in
+  another model), the biases and the LayerNorm parameters to Adam, as Muon is meant to be used.
+  """
+
+  def rule(path, x):
+    names = {str(getattr(k, "key", getattr(k, "idx", k))) for k in path}
+    if x.ndim == 2 and not names & MUON_ADAM_MATRICES:
+      return optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
+    return None
+
+  return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def make_muon(config: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """`optax.contrib.muon` on the hidden kernels, Adam on everything else.
+
+  The example's one `--learning_rate` drives both halves unless `--muon_adam_learning_rate` sets
+  the Adam half's peak (it then follows the same warmup-cosine shape). `--b1` is Muon's momentum
+  and Adam's first-moment decay, `--b2` Adam's second-moment decay, and `--weight_decay` applies
+  to both halves (decoupled, multiplied by the learning rate, as in `optax.adamw`).
+  `--muon_consistent_rms` (e.g. 0.2, Liu et al. 2025) scales Muon's updates to Adam's RMS, so that
+  one learning rate suits both halves; unset, optax's width scaling is used.
+  """
+  adam_schedule = None
+  if config.muon_adam_learning_rate is not None:
+    adam_schedule = learning_rate_schedule(
+      dataclasses.replace(config, learning_rate=config.muon_adam_learning_rate)
+    )
+  muon = optax.contrib.muon(
+    schedule,
+    beta=config.b1,
+    weight_decay=config.weight_decay,
+    adam_b1=config.b1,
+    adam_b2=config.b2,
+    adam_weight_decay=config.weight_decay,
+    adam_learning_rate=adam_schedule,
+    muon_weight_dimension_numbers=muon_dimension_numbers,
+    consistent_rms=config.muon_consistent_rms,
+  )
+  return in_auto_sharding(muon)
+
+
+def _explicit_mesh_axes() -> tuple[str, ...]:
+  """The axes of the context mesh that are of the explicit type (none outside a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  explicit = jax.sharding.AxisType.Explicit
+  return tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types, strict=True) if t == explicit)
+
+
+def in_auto_sharding(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` with its update run in an automatic-sharding region when the mesh is explicit.
+
+  `optax.contrib.muon`'s Newton-Schulz step multiplies a kernel by its own transpose
+  (`x @ x.T`); with the kernel sharded over `fsdp`, both operands are sharded along the
+  contracted dimension, and under explicit sharding jax refuses to guess the product's sharding
+  (`ShardingTypeError: Contracting dimensions are sharded ...`). Inside `auto_axes` XLA's
+  partitioner chooses; the updates leave with the gradients' shardings and the state with its
+  own, so everything outside the optimizer keeps its explicit shardings. Without a mesh, or with
+  no explicit axis, `tx` is returned unchanged in effect.
+  """
+
+  def update_fn(updates, state, params=None):
+    if not _explicit_mesh_axes():
+      return tx.update(updates, state, params)
+    spec = lambda x: jax.typeof(x).sharding.spec  # noqa: E731
+    out_sharding = (jax.tree.map(spec, updates), jax.tree.map(spec, state))
+    return jax.sharding.auto_axes(tx.update, out_sharding=out_sharding)(updates, state, params)
+
+  return optax.GradientTransformation(tx.init, update_fn)
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
   """Builds the optimizer named by `config.optimizer`, after gradient clipping."""
   schedule = learning_rate_schedule(config)
@@ -178,6 +266,8 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
       multiply_by_parameter_scale=False,
       weight_decay_rate=config.weight_decay or None,
     )
+  elif name == "muon":
+    opt = make_muon(config, schedule)
   elif name in SOAP_OPTIMIZERS:
     import soap_optax  # Imported lazily: the examples also run without it.
 
@@ -813,9 +903,27 @@ def _summarize(config, history, corpus, num_params, diverged) -> dict[str, Any]:
 _D = TrainConfig()
 flags.DEFINE_enum("optimizer", _D.optimizer, OPTIMIZERS, "Optimizer to train with.")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Peak learning rate.")
-flags.DEFINE_float("b1", _D.b1, "First-moment decay (adamw and soap_optax optimizers).")
-flags.DEFINE_float("b2", _D.b2, "Second-moment decay (adamw and soap_optax optimizers).")
+flags.DEFINE_float(
+  "b1",
+  _D.b1,
+  "First-moment decay (adamw, soap_optax optimizers; muon: its momentum and Adam's b1).",
+)
+flags.DEFINE_float(
+  "b2", _D.b2, "Second-moment decay (adamw, soap_optax optimizers, muon's Adam half)."
+)
 flags.DEFINE_float("weight_decay", _D.weight_decay, "Decoupled weight decay.")
+flags.DEFINE_float(
+  "muon_adam_learning_rate",
+  None,
+  "muon only: peak learning rate of the Adam half (embeddings, head, vectors); "
+  "default --learning_rate.",
+)
+flags.DEFINE_float(
+  "muon_consistent_rms",
+  None,
+  "muon only: scale Muon's updates to about this RMS (0.2 matches AdamW's, so one learning "
+  "rate suits both halves); default optax's width scaling.",
+)
 flags.DEFINE_integer(
   "precondition_frequency", _D.precondition_frequency, "Steps between preconditioner refreshes."
 )
