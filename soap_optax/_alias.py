@@ -16,6 +16,7 @@ from soap_optax import _checks, _linalg
 from soap_optax._eigenbasis import Method, eigenbasis_refresh
 from soap_optax._grafting import Grafting
 from soap_optax._layout import LayoutRule
+from soap_optax._linalg import MatmulPrecision
 from soap_optax._rotated import eigenvalue_corrected, rotated_adafactor, rotated_adam
 from soap_optax._shampoo import shampoo_precondition
 from soap_optax._stats import kronecker_stats
@@ -51,6 +52,10 @@ _SHARED_ARGS = """\
       params); ``jnp.bfloat16`` halves their memory, decompositions still run in float32.
     basis_dtype: storage dtype of the eigenbases (default: as the statistics).
     moment_dtype: storage dtype of the moments (default float32, float64 for float64 params).
+    precision: of the statistics' and rotations' matmuls: ``"highest"`` (full float32, the
+      default), ``"high"``/``"default"`` (an accelerator's faster TF32/bf16 passes), or
+      ``"bfloat16"`` (operands rounded to bfloat16, float32 accumulation, on every platform).
+      The refresh's power steps and staleness test stay in full float32.
 """
 
 
@@ -144,11 +149,14 @@ def _kronecker_blocks(
   stagger_refresh,
   stats_dtype,
   basis_dtype,
+  precision,
   **refresh_options,
 ) -> tuple[optax.GradientTransformation, ...]:
   """``kronecker_stats → eigenbasis_refresh → direction``, one layout shared by the three."""
+  _checks.check_float_dtype("stats_dtype", stats_dtype)
+  _checks.check_float_dtype("basis_dtype", basis_dtype)
   return (
-    kronecker_stats(beta, layout=layout, dtype=stats_dtype),
+    kronecker_stats(beta, layout=layout, dtype=stats_dtype, precision=precision),
     eigenbasis_refresh(
       precondition_frequency,
       layout=layout,
@@ -214,6 +222,7 @@ def _soap_blocks(
   stats_dtype,
   basis_dtype,
   moment_dtype,
+  precision,
 ):
   _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
   direction = rotated_adam(
@@ -223,6 +232,7 @@ def _soap_blocks(
     correct_bias=correct_bias,
     normalize_grads=normalize_grads,
     moment_dtype=moment_dtype,
+    precision=precision,
   )
   return _kronecker_blocks(
     direction,
@@ -232,6 +242,7 @@ def _soap_blocks(
     stagger_refresh=stagger_refresh,
     stats_dtype=stats_dtype,
     basis_dtype=basis_dtype,
+    precision=precision,
     first_basis=first_basis,
   )
 
@@ -261,6 +272,7 @@ def _shampoo_blocks(
   stats_dtype,
   basis_dtype,
   moment_dtype,
+  precision,
 ):
   _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
   direction = shampoo_precondition(
@@ -273,6 +285,7 @@ def _shampoo_blocks(
     graft_b2=b2,
     graft_eps=graft_eps,
     moment_dtype=moment_dtype,
+    precision=precision,
   )
   return _kronecker_blocks(
     direction,
@@ -282,6 +295,7 @@ def _shampoo_blocks(
     stagger_refresh=stagger_refresh,
     stats_dtype=stats_dtype,
     basis_dtype=basis_dtype,
+    precision=precision,
     refresh_tolerance=refresh_tolerance,
     max_qr_iterations=max_qr_iterations,
     method=method,
@@ -308,6 +322,7 @@ def _eigen_adafactor_blocks(
   stats_dtype,
   basis_dtype,
   moment_dtype,
+  precision,
 ):
   _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
   layout = _layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes)
@@ -319,6 +334,7 @@ def _eigen_adafactor_blocks(
     eps2=eps2,
     correct_bias=correct_bias,
     moment_dtype=moment_dtype,
+    precision=precision,
   )
   return _kronecker_blocks(
     direction,
@@ -328,6 +344,7 @@ def _eigen_adafactor_blocks(
     stagger_refresh=stagger_refresh,
     stats_dtype=stats_dtype,
     basis_dtype=basis_dtype,
+    precision=precision,
     first_basis=first_basis,
   )
 
@@ -351,16 +368,18 @@ def _eshampoo_blocks(
   stats_dtype,
   basis_dtype,
   moment_dtype,
+  precision,
 ):
   _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
   return _kronecker_blocks(
-    eigenvalue_corrected(b1, b2, eps, moment_dtype=moment_dtype),
+    eigenvalue_corrected(b1, b2, eps, moment_dtype=moment_dtype, precision=precision),
     beta=b2 if shampoo_beta is None else shampoo_beta,
     layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes),
     precondition_frequency=precondition_frequency,
     stagger_refresh=stagger_refresh,
     stats_dtype=stats_dtype,
     basis_dtype=basis_dtype,
+    precision=precision,
     refresh_tolerance=refresh_tolerance,
     max_qr_iterations=max_qr_iterations,
     first_basis=first_basis,
@@ -390,6 +409,7 @@ def scale_by_soap(
   stats_dtype: DTypeLike | None = None,
   basis_dtype: DTypeLike | None = None,
   moment_dtype: DTypeLike | None = None,
+  precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   """SOAP's update direction, to compose like ``optax.scale_by_adam``.
 
@@ -462,6 +482,7 @@ def scale_by_shampoo(
   stats_dtype: DTypeLike | None = None,
   basis_dtype: DTypeLike | None = None,
   moment_dtype: DTypeLike | None = None,
+  precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo's grafted update direction, to compose like optax's ``scale_by_*``.
 
@@ -527,6 +548,7 @@ def scale_by_eigen_adafactor(
   stats_dtype: DTypeLike | None = None,
   basis_dtype: DTypeLike | None = None,
   moment_dtype: DTypeLike | None = None,
+  precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor's direction in Shampoo's eigenbasis, to compose like optax's ``scale_by_*``.
 
@@ -583,6 +605,7 @@ def scale_by_eshampoo(
   stats_dtype: DTypeLike | None = None,
   basis_dtype: DTypeLike | None = None,
   moment_dtype: DTypeLike | None = None,
+  precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   """EShampoo's direction with the adaptive refresh, to compose like optax's ``scale_by_*``.
 
@@ -644,6 +667,7 @@ def soap(
   stats_dtype: DTypeLike | None = None,
   basis_dtype: DTypeLike | None = None,
   moment_dtype: DTypeLike | None = None,
+  precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   r"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner.
 
@@ -729,6 +753,7 @@ def shampoo(
   stats_dtype: DTypeLike | None = None,
   basis_dtype: DTypeLike | None = None,
   moment_dtype: DTypeLike | None = None,
+  precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo (power 1/2 by default) with Adam grafting, as Distributed Shampoo runs it.
 
@@ -812,6 +837,7 @@ def eigen_adafactor(
   stats_dtype: DTypeLike | None = None,
   basis_dtype: DTypeLike | None = None,
   moment_dtype: DTypeLike | None = None,
+  precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor in the eigenbasis of Shampoo's preconditioner (the SOAP paper's Shampoo-1/2).
 
@@ -881,6 +907,7 @@ def eshampoo(
   stats_dtype: DTypeLike | None = None,
   basis_dtype: DTypeLike | None = None,
   moment_dtype: DTypeLike | None = None,
+  precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   """Eigenvalue-corrected Shampoo with the adaptive eigenbasis refresh of *Purifying Shampoo*.
 

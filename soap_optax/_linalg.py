@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,52 +20,104 @@ from jax import lax
 Array = jax.Array
 
 # The matmuls that rotate gradients and build statistics decide the optimizer's numerics. On
-# accelerators JAX's default float32 matmul may drop to bf16/TF32 passes, so ask for full
-# precision.
+# accelerators JAX's default float32 matmul may drop to bf16/TF32 passes, so the default is full
+# precision; `precision` arguments let a user trade it for speed, measured (BUILD_NOTES.md).
 HIGHEST = lax.Precision.HIGHEST
 
+# What a block's `precision` argument accepts (besides a `jax.lax.Precision`).
+MatmulPrecision = Literal["highest", "high", "default", "bfloat16"] | lax.Precision
+PRECISIONS = ("highest", "high", "default", "bfloat16")
 
-def mode_product(x: Array, mats: Sequence[Array | None], *, transpose: bool) -> Array:
+
+class Matmul(NamedTuple):
+  """How the statistics and rotations multiply: XLA's precision, and the operand dtype.
+
+  ``operands=None`` multiplies in the inputs' dtype; ``jnp.bfloat16`` rounds both operands to
+  bfloat16 and accumulates in the inputs' (float32) dtype — a TPU's default float32 matmul, made
+  explicit, so that it behaves the same on every platform (on a CPU too, where XLA ignores
+  ``precision``).
+  """
+
+  precision: lax.Precision = HIGHEST
+  operands: Any = None
+
+
+FULL = Matmul()
+
+
+def matmul_settings(precision: MatmulPrecision = "highest") -> Matmul:
+  """The :class:`Matmul` of a block's ``precision`` argument (raises on an unknown one)."""
+  if isinstance(precision, lax.Precision):
+    return Matmul(precision)
+  named = {
+    "highest": Matmul(lax.Precision.HIGHEST),
+    "high": Matmul(lax.Precision.HIGH),
+    "default": Matmul(lax.Precision.DEFAULT),
+    "bfloat16": Matmul(lax.Precision.DEFAULT, jnp.bfloat16),
+  }
+  if precision not in named:
+    raise ValueError(
+      f"precision must be one of {PRECISIONS} or a jax.lax.Precision, got {precision!r}."
+    )
+  return named[precision]
+
+
+def _dot_general(x: Array, y: Array, dims, matmul: Matmul) -> Array:
+  if matmul.operands is None:
+    return lax.dot_general(x, y.astype(x.dtype), dims, precision=matmul.precision)
+  return lax.dot_general(
+    x.astype(matmul.operands),
+    y.astype(matmul.operands),
+    dims,
+    precision=matmul.precision,
+    preferred_element_type=x.dtype,
+  )
+
+
+def mode_product(
+  x: Array, mats: Sequence[Array | None], *, transpose: bool, matmul: Matmul | None = None
+) -> Array:
   """Multiplies axis ``k`` of every block of ``x`` by that block's ``mats[k]`` (or transpose).
 
   With ``transpose=True`` this rotates *into* the bases (``x ×_k Q_kᵀ``, the reference's
   ``project``); with ``transpose=False`` it rotates back out (``x ×_k Q_k``). Axes whose entry is
-  ``None`` are left as they are.
+  ``None`` are left as they are. ``matmul`` sets the products' precision (full by default).
   """
+  matmul = matmul or FULL
   if x.shape[0] == 1:
-    # One block: plain tensordots, the layout measured fastest on CPU for the unblocked case.
-    return _mode_product_single(x[0], [None if m is None else m[0] for m in mats], transpose)[None]
+    # One block: plain contractions, the layout measured fastest on CPU for the unblocked case.
+    single = [None if m is None else m[0] for m in mats]
+    return _mode_product_single(x[0], single, transpose, matmul)[None]
   for axis, mat in enumerate(mats):
     if mat is None:
       continue
     contract = 1 if transpose else 2  # Q's row index goes into the basis, its column out of it
     dims = (((axis + 1,), (contract,)), ((0,), (0,)))
-    y = lax.dot_general(x, mat.astype(x.dtype), dims, precision=HIGHEST)
-    x = jnp.moveaxis(y, -1, axis + 1)
+    x = jnp.moveaxis(_dot_general(x, mat, dims, matmul), -1, axis + 1)
   return x
 
 
-def _mode_product_single(x: Array, mats, transpose: bool) -> Array:
+def _mode_product_single(x: Array, mats, transpose: bool, matmul: Matmul) -> Array:
   for axis, mat in enumerate(mats):
     if mat is None:
       continue
     contract = 0 if transpose else 1
-    y = jnp.tensordot(x, mat.astype(x.dtype), axes=((axis,), (contract,)), precision=HIGHEST)
-    x = jnp.moveaxis(y, -1, axis)
+    dims = (((axis,), (contract,)), ((), ()))
+    x = jnp.moveaxis(_dot_general(x, mat, dims, matmul), -1, axis)
   return x
 
 
-def factor_statistic(x: Array, axis: int) -> Array:
+def factor_statistic(x: Array, axis: int, matmul: Matmul | None = None) -> Array:
   """``X_(k) X_(k)ᵀ`` per block: each block contracted with itself over every axis but ``axis``.
 
   ``axis`` counts the block's own axes (0 is the first axis after the block index).
   """
+  matmul = matmul or FULL
   others = tuple(i for i in range(1, x.ndim) if i != axis + 1)
   if x.shape[0] == 1:
     single = tuple(i - 1 for i in others)
-    return jnp.tensordot(x[0], x[0], axes=(single, single), precision=HIGHEST)[None]
-  dims = ((others, others), ((0,), (0,)))
-  return lax.dot_general(x, x, dims, precision=HIGHEST)
+    return _dot_general(x[0], x[0], ((single, single), ((), ())), matmul)[None]
+  return _dot_general(x, x, ((others, others), ((0,), (0,))), matmul)
 
 
 def debias(decay, count: Array, dtype=jnp.float32) -> Array:

@@ -31,7 +31,15 @@ from soap_optax._carrier import (
   storage_dtype,
 )
 from soap_optax._layout import FactorLayout, LayoutRule, from_blocks, to_blocks
-from soap_optax._linalg import debias, divide, mode_product
+from soap_optax._linalg import (
+  FULL,
+  Matmul,
+  MatmulPrecision,
+  debias,
+  divide,
+  matmul_settings,
+  mode_product,
+)
 
 Array = jax.Array
 
@@ -64,17 +72,23 @@ class Moment(NamedTuple):
 
 
 class Rotation(NamedTuple):
-  """Rotations into and out of one parameter's eigenbasis (the basis of this step)."""
+  """Rotations into and out of one parameter's eigenbasis (the basis of this step).
+
+  Attributes:
+    bases: per working axis, the bases ``(num_blocks, n, n)``, or None for an axis without one.
+    matmul: the products' precision (the block's ``precision`` argument; full by default).
+  """
 
   bases: tuple
+  matmul: Matmul = FULL
 
   def into(self, x: Array) -> Array:
     """``x ×_k Q_kᵀ``."""
-    return mode_product(x, self.bases, transpose=True)
+    return mode_product(x, self.bases, transpose=True, matmul=self.matmul)
 
   def out(self, x: Array) -> Array:
     """``x ×_k Q_k``."""
-    return mode_product(x, self.bases, transpose=False)
+    return mode_product(x, self.bases, transpose=False, matmul=self.matmul)
 
 
 # direction(carrier, moments, rotation) -> (direction, new moments), all in the working layout.
@@ -96,6 +110,8 @@ def carry_to_next_basis(carrier: KroneckerUpdate, moments: dict, kinds: dict) ->
     return moments
 
   def transfer(moving):
+    # At full precision whatever the step's `precision`: it runs once per refresh, and a first
+    # moment blurred in transit would stay blurred.
     old, new = Rotation(carrier.basis), Rotation(carrier.next_basis)
     out = {}
     for name, x in moving.items():
@@ -126,6 +142,7 @@ def eigenbasis_optimizer(
   moment_dtype: DTypeLike | None = None,
   layout: LayoutRule | None = None,
   needs: str = "basis",
+  precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformation:
   """The skeleton every rotated optimizer shares; returns plain updates.
 
@@ -138,6 +155,7 @@ def eigenbasis_optimizer(
     moment_dtype: storage dtype of the moments (default: float32, float64 for float64 params).
     layout: the composition's rule; needed only for moments with a ``shape`` (and then checked).
     needs: the record field that must be filled in before this block.
+    precision: of the rotations' matmuls (see :func:`~soap_optax.kronecker_stats`).
 
   Returns:
     An ``optax.GradientTransformation`` placed after :func:`~soap_optax.eigenbasis_refresh`.
@@ -170,6 +188,7 @@ def eigenbasis_optimizer(
     (3, 2)
   """
   kinds = {m.name: m.basis for m in moments}
+  matmul = matmul_settings(precision)
 
   def init_fn(params):
     def field(moment):
@@ -209,7 +228,7 @@ def eigenbasis_optimizer(
       stored.update({k: v[carrier.name] for k, v in by_key.items() if carrier.name in v})
       out_specs = (carrier.spec, {k: _sharding.spec_of(v) for k, v in stored.items()})
       step = functools.partial(
-        _step, direction=direction, kinds=kinds, param_shaped=frozenset(shaped)
+        _step, direction=direction, kinds=kinds, param_shaped=frozenset(shaped), matmul=matmul
       )
       # Every array goes in as an argument: under explicit sharding `step` runs in an automatic
       # region, which must not close over explicitly sharded values.
@@ -231,14 +250,14 @@ def eigenbasis_optimizer(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _step(carrier: KroneckerUpdate, stored: dict, *, direction, kinds, param_shaped):
+def _step(carrier: KroneckerUpdate, stored: dict, *, direction, kinds, param_shaped, matmul):
   """One parameter's step: to the working layout, the rule, the moment transfer, and back."""
   layout, cdt = carrier.layout, carrier.grad.dtype
   shaped = {k: k in param_shaped for k in stored}
   moments = {
     k: to_blocks(v.astype(cdt), layout) if shaped[k] else v.astype(cdt) for k, v in stored.items()
   }
-  step, new = direction(carrier, moments, Rotation(carrier.basis))
+  step, new = direction(carrier, moments, Rotation(carrier.basis, matmul))
   new = carry_to_next_basis(carrier, new, kinds)
   live = carrier.live
   back = {}
@@ -288,6 +307,7 @@ def rotated_adam(
   correct_bias: bool = True,
   normalize_grads: bool = False,
   moment_dtype: DTypeLike | None = None,
+  precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformation:
   """Adam in the eigenbasis of the Kronecker factors: SOAP's update direction.
 
@@ -315,6 +335,9 @@ def rotated_adam(
       before the bias correction.
     moment_dtype: storage dtype of the moments; float32 by default (float64 for float64
       parameters).
+    precision: of the rotations' matmuls: ``"highest"`` (the default), ``"high"``,
+      ``"default"``, ``"bfloat16"`` or a ``jax.lax.Precision`` (see
+      :func:`~soap_optax.kronecker_stats`).
 
   Returns:
     An ``optax.GradientTransformation`` placed after :func:`~soap_optax.eigenbasis_refresh`.
@@ -360,7 +383,12 @@ def rotated_adam(
 
   moments = (Moment("mu", "eigen"), Moment("nu", "diagonal"))
   return eigenbasis_optimizer(
-    "rotated_adam", moments, direction, RotatedAdamState, moment_dtype=moment_dtype
+    "rotated_adam",
+    moments,
+    direction,
+    RotatedAdamState,
+    moment_dtype=moment_dtype,
+    precision=precision,
   )
 
 
@@ -410,6 +438,7 @@ def rotated_adafactor(
   eps2: float = 1e-30,
   correct_bias: bool = True,
   moment_dtype: DTypeLike | None = None,
+  precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformation:
   r"""Adafactor in the eigenbasis of the Kronecker factors.
 
@@ -432,6 +461,9 @@ def rotated_adafactor(
     eps2: added to ``G'²`` before the sums (Adafactor's ε₁), so that ``Σr`` is never zero.
     correct_bias: apply the bias correction ``c_t``.
     moment_dtype: storage dtype of the moments (default float32, float64 for float64 params).
+    precision: of the rotations' matmuls: ``"highest"`` (the default), ``"high"``,
+      ``"default"``, ``"bfloat16"`` or a ``jax.lax.Precision`` (see
+      :func:`~soap_optax.kronecker_stats`).
 
   Returns:
     An ``optax.GradientTransformation`` placed after :func:`~soap_optax.eigenbasis_refresh`.
@@ -490,6 +522,7 @@ def rotated_adafactor(
     RotatedAdafactorState,
     moment_dtype=moment_dtype,
     layout=rule,
+    precision=precision,
   )
 
 
@@ -514,6 +547,7 @@ def eigenvalue_corrected(
   eps: float = 1e-8,
   *,
   moment_dtype: DTypeLike | None = None,
+  precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformation:
   r"""Eigenvalue-corrected Shampoo (EShampoo): Shampoo's eigenbasis with Adam-like eigenvalues.
 
@@ -534,6 +568,9 @@ def eigenvalue_corrected(
     eps: added to ``√D̂``.
     moment_dtype: storage dtype of ``M`` and ``D`` (default float32, float64 for float64
       params).
+    precision: of the rotations' matmuls: ``"highest"`` (the default), ``"high"``,
+      ``"default"``, ``"bfloat16"`` or a ``jax.lax.Precision`` (see
+      :func:`~soap_optax.kronecker_stats`).
 
   Returns:
     An ``optax.GradientTransformation`` placed after :func:`~soap_optax.eigenbasis_refresh`.
@@ -568,5 +605,10 @@ def eigenvalue_corrected(
 
   moments = (Moment("mu", "parameter"), Moment("nu", "diagonal"))
   return eigenbasis_optimizer(
-    "eigenvalue_corrected", moments, direction, EigenvalueCorrectedState, moment_dtype=moment_dtype
+    "eigenvalue_corrected",
+    moments,
+    direction,
+    EigenvalueCorrectedState,
+    moment_dtype=moment_dtype,
+    precision=precision,
   )

@@ -10,7 +10,7 @@ from jax.typing import DTypeLike
 
 from soap_optax import _checks, _grafting
 from soap_optax._grafting import Grafting
-from soap_optax._linalg import debias
+from soap_optax._linalg import MatmulPrecision, debias
 from soap_optax._rotated import Moment, eigenbasis_optimizer
 
 
@@ -71,6 +71,7 @@ def shampoo_precondition(
   graft_b2: float = 0.999,
   graft_eps: float = 1e-8,
   moment_dtype: DTypeLike | None = None,
+  precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformation:
   r"""Preconditions with Shampoo's factors: ``M̂ ×_k (L_k + ε)^(−exponent)``, optionally grafted.
 
@@ -108,6 +109,9 @@ def shampoo_precondition(
     graft_eps: the grafted optimizer's epsilon.
     moment_dtype: storage dtype of ``M`` and ``ν`` (default float32, float64 for float64
       params).
+    precision: of the rotations' matmuls: ``"highest"`` (the default), ``"high"``,
+      ``"default"``, ``"bfloat16"`` or a ``jax.lax.Precision`` (see
+      :func:`~soap_optax.kronecker_stats`).
 
   Returns:
     An ``optax.GradientTransformation`` placed after :func:`~soap_optax.eigenbasis_refresh`;
@@ -190,4 +194,5 @@ def shampoo_precondition(
     state_type,
     moment_dtype=moment_dtype,
     needs="eigenvalues",
+    precision=precision,
   )

@@ -66,6 +66,7 @@ def kronecker_stats(
   *,
   layout: LayoutRule | None = None,
   dtype: DTypeLike | None = None,
+  precision: _linalg.MatmulPrecision = "highest",
 ) -> optax.GradientTransformation:
   """Accumulates Shampoo's Kronecker factor statistics; the first block of every composition.
 
@@ -86,6 +87,10 @@ def kronecker_stats(
     dtype: storage dtype of the statistics (e.g. ``jnp.bfloat16`` to halve their memory); the
       arithmetic runs in float32 whatever it is (float64 for float64 parameters, the default
       storage dtype too).
+    precision: of the ``G Gᵀ`` products: ``"highest"`` (full float32, the default),
+      ``"high"`` or ``"default"`` (XLA's faster passes on accelerators: TF32/bf16), or
+      ``"bfloat16"`` (operands rounded to bfloat16, float32 accumulation, on every platform),
+      or a ``jax.lax.Precision``.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -111,6 +116,7 @@ def kronecker_stats(
   """
   _checks.check_unit_interval("beta", beta)
   _checks.check_float_dtype("dtype", dtype)
+  matmul = _linalg.matmul_settings(precision)
   rule = layout or LayoutRule()
 
   def init_fn(params):
@@ -139,7 +145,8 @@ def kronecker_stats(
     finite = _linalg.all_finite(jax.tree.leaves(updates))
     with _sharding.using(mesh):
       results = [
-        _accumulate(name, g, state, finite, beta, rule, mesh) for name, g in named_leaves(updates)
+        _accumulate(name, g, state, finite, beta, rule, mesh, matmul)
+        for name, g in named_leaves(updates)
       ]
     carriers = jax.tree.structure(updates).unflatten([c for c, _ in results])
     stats = dict(state.stats) if hasattr(state.stats, "keys") else state.stats
@@ -152,7 +159,7 @@ def kronecker_stats(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _accumulate(name, g, state, finite, beta, rule, mesh):
+def _accumulate(name, g, state, finite, beta, rule, mesh, matmul):
   """One parameter's statistics update and the record it starts: ``(record, new statistics)``."""
   layout = rule.layout(g.shape)
   shapes = factor_shapes(layout)
@@ -163,7 +170,7 @@ def _accumulate(name, g, state, finite, beta, rule, mesh):
     working = to_blocks(g.astype(cdt), layout)
     new = []
     for axis, s in zip(keys, old, strict=True):
-      ema = beta * s.astype(cdt) + (1 - beta) * _linalg.factor_statistic(working, axis)
+      ema = beta * s.astype(cdt) + (1 - beta) * _linalg.factor_statistic(working, axis, matmul)
       new.append(jnp.where(finite, ema, s.astype(cdt)))
     return working, new, [n.astype(s.dtype) for n, s in zip(new, old, strict=True)]
 
