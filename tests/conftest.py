@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
+
 # Tests run on the CPU whatever the machine has, so that numbers are reproducible.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # JAX's CPU QR/eigh run in scipy's OpenBLAS, whose threads fight XLA's pool on few cores (a
@@ -15,6 +17,42 @@ sys.path.insert(0, os.path.dirname(__file__))
 # The mesh tests need 8 simulated devices, which must be set before JAX starts: tests/test_mesh.py
 # runs them in a process of their own.
 collect_ignore = [] if os.environ.get("SOAP_OPTAX_MESH_TESTS") else ["mesh"]
+
+
+# Tests whose work runs in a process of its own, started when collection ends (tests/background.py)
+# and checked last, so that the process runs beside everything else.
+_BACKGROUND = {"test_mesh.py::test_the_mesh_suite_passes_on_8_simulated_devices": "mesh"}
+
+
+def _background_name(item):
+  return _BACKGROUND.get(item.nodeid.split("tests/")[-1])
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+  """Puts the tests that wait for a background run last."""
+  items.sort(key=lambda item: _background_name(item) is not None)  # stable
+
+
+def pytest_collection_finish(session):
+  """Starts the background runs of the selected tests (after -k, -m and the rest deselected)."""
+  if session.config.option.collectonly:
+    return
+  import background
+  import test_mesh
+
+  for item in session.items:
+    if _background_name(item) == "mesh" and "mesh" not in background.STARTED:
+      background.STARTED["mesh"] = test_mesh.start_mesh_suite()
+
+
+def pytest_sessionfinish():
+  """A background run nobody waited for (a test interrupted or failed early) is stopped."""
+  import background
+
+  for run in background.STARTED.values():
+    run.stop()
+  background.STARTED.clear()
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import warnings
 
+import background
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -23,16 +24,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT_S = 20 * 60
 
 
-def _run_mesh_suite(env) -> subprocess.CompletedProcess:
-  # A test running past 5 minutes gets every thread's stack printed (pytest's faulthandler).
-  command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--durations=5"]
-  command += ["-o", "faulthandler_timeout=300", "mesh"]
+# A test running past 5 minutes gets every thread's stack printed (pytest's faulthandler).
+MESH_SUITE = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--durations=5"]
+MESH_SUITE += ["-o", "faulthandler_timeout=300", "mesh"]
+
+
+def start_mesh_suite() -> background.Background:
+  """Starts the mesh suite in the background (tests/conftest.py does, when collection ends)."""
+  return background.Background(MESH_SUITE, cwd=HERE, env=background.mesh_environment())
+
+
+def _run_mesh_suite(started: background.Background | None = None) -> subprocess.CompletedProcess:
   try:
-    return subprocess.run(
-      command, cwd=HERE, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
-    )
+    return (started or start_mesh_suite()).wait(TIMEOUT_S)
   except subprocess.TimeoutExpired as hung:
-    output = (hung.stdout or b"").decode() + (hung.stderr or b"").decode()
+    output = str(hung.stdout or "") + str(hung.stderr or "")
     pytest.fail(f"the mesh suite ran past {TIMEOUT_S} s:\n{output[-20000:]}")
 
 
@@ -65,10 +71,10 @@ def _run_with_one_rerun(run):
 
 
 def test_the_mesh_suite_passes_on_8_simulated_devices():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  env["SOAP_OPTAX_MESH_TESTS"] = "1"
-  result = _run_with_one_rerun(lambda: _run_mesh_suite(env))
+  """The suite was started when collection ended (it runs beside the other tests); a rerun after
+  a crash runs here."""
+  started = [background.take("mesh")]
+  result = _run_with_one_rerun(lambda: _run_mesh_suite(started.pop() if started else None))
   output = result.stdout + result.stderr
   assert result.returncode == 0, output[-20000:]
   assert " passed" in output and " failed" not in output, output[-5000:]

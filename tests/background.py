@@ -1,0 +1,75 @@
+"""Test suites that run in processes of their own, started early so that they overlap the rest.
+
+The mesh suite (8 simulated devices, tests/test_mesh.py) needs a fresh interpreter and takes
+minutes. Started when collection ends, it runs beside the in-process tests (2 cores: each gets
+one), and the test that checks it runs last and only waits for its result; the suite's wall time
+becomes about the larger of the two parts rather than their sum.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+
+
+class Background:
+  """A command started now, whose result :meth:`wait` collects (as ``subprocess.run`` would)."""
+
+  def __init__(self, command, *, cwd, env):
+    self.command = command
+    self._out = tempfile.TemporaryFile(mode="w+")
+    self._err = tempfile.TemporaryFile(mode="w+")
+    self._started = time.monotonic()
+    self._process = subprocess.Popen(
+      command, cwd=cwd, env=env, stdout=self._out, stderr=self._err, text=True
+    )
+
+  def wait(self, timeout: float) -> subprocess.CompletedProcess:
+    """The finished process; raises ``subprocess.TimeoutExpired`` (after killing it) when it runs
+    past ``timeout`` seconds from its start, with the output so far."""
+    remaining = max(timeout - (time.monotonic() - self._started), 0)
+    try:
+      returncode = self._process.wait(remaining)
+    except subprocess.TimeoutExpired:
+      self._process.kill()
+      self._process.wait()
+      stdout, stderr = self._read()
+      raise subprocess.TimeoutExpired(self.command, timeout, stdout, stderr) from None
+    stdout, stderr = self._read()
+    return subprocess.CompletedProcess(self.command, returncode, stdout, stderr)
+
+  def stop(self) -> None:
+    """Kills the process if it still runs, and releases its output files."""
+    if self._process.poll() is None:
+      self._process.kill()
+    self._process.wait()
+    self._read()
+
+  def _read(self) -> tuple[str, str]:
+    texts = []
+    for f in (self._out, self._err):
+      if f.closed:
+        texts.append("")
+        continue
+      f.seek(0)
+      texts.append(f.read())
+      f.close()
+    return texts[0], texts[1]
+
+
+# name -> its Background, started by tests/conftest.py for the selected tests that need one.
+STARTED: dict[str, Background] = {}
+
+
+def take(name: str) -> Background | None:
+  """The background run of ``name`` if one was started (each is used once), else None."""
+  return STARTED.pop(name, None)
+
+
+def mesh_environment() -> dict[str, str]:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["SOAP_OPTAX_MESH_TESTS"] = "1"
+  return env
