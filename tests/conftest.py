@@ -24,13 +24,37 @@ collect_ignore = [] if os.environ.get("SOAP_OPTAX_MESH_TESTS") else ["mesh"]
 _BACKGROUND = {"test_mesh.py::test_the_mesh_suite_passes_on_8_simulated_devices": "mesh"}
 
 
+# The contributors' fast subset is `python -m pytest -m "not slow"` (README, "Contributing"): these
+# files start processes, build the docs, train the example or compare long float64 runs.
+_SLOW_FILES = {
+  "test_mesh.py",
+  "test_multiprocess.py",
+  "test_docs.py",
+  "test_train_lm_smoke.py",
+  "test_example_muon.py",
+  "test_convergence.py",
+  "test_integrations.py",
+  "test_program_size.py",
+  "test_soap_matches_reference.py",
+  "test_properties.py",
+}
+
+
+def _mark_slow(items):
+  for item in items:
+    if item.path.name in _SLOW_FILES:
+      item.add_marker(pytest.mark.slow)
+
+
 def _background_name(item):
   return _BACKGROUND.get(item.nodeid.split("tests/")[-1])
 
 
-@pytest.hookimpl(trylast=True)
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-  """Puts the tests that wait for a background run last."""
+  """Marks the slow files' tests (before -m deselects) and puts the tests that wait for a
+  background run last."""
+  _mark_slow(items)
   items.sort(key=lambda item: _background_name(item) is not None)  # stable
 
 
