@@ -13,7 +13,7 @@ from jax.typing import DTypeLike
 from soap_optax import _checks, _linalg
 from soap_optax._eigenbasis import Method, eigenbasis_refresh
 from soap_optax._grafting import Grafting
-from soap_optax._layout import LayoutRule
+from soap_optax._layout import FactorAxes, LayoutRule
 from soap_optax._rotated import eigenvalue_corrected, rotated_adafactor, rotated_adam
 from soap_optax._shampoo import shampoo_precondition
 from soap_optax._stats import kronecker_stats
@@ -51,6 +51,12 @@ _SHARED_ARGS = """\
       params); ``jnp.bfloat16`` halves their memory, decompositions still run in float32.
     basis_dtype: storage dtype of the eigenbases (default: as the statistics).
     moment_dtype: storage dtype of the moments (default float32, float64 for float64 params).
+    mu_dtype: storage dtype of the first moment alone, overriding ``moment_dtype`` for it
+      (optax's ``mu_dtype``; ``jnp.bfloat16`` saves 2 bytes per parameter).
+    factor_axes: which axes get a factor: ``"all"`` (the reference's behaviour), ``"smaller"``,
+      ``"larger"``, ``"none"``, a tuple of working axes, or per parameter a function
+      ``(path, shape) -> choice`` or a mapping ``{regular expression on the path: choice}``
+      (see :class:`~soap_optax.LayoutRule`); the other axes stay unrotated, as a long axis does.
 """
 
 
@@ -163,11 +169,15 @@ def _in_parameter_dtypes() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def _layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes) -> LayoutRule:
+def _layout(
+  max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes, *, factor_axes="all"
+) -> LayoutRule:
   if max_precond_dim is None:
     max_precond_dim = _MAX_PRECOND_DIM
   stacked_axes = 0 if stacked_axes is None else stacked_axes
-  return LayoutRule(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes)
+  return LayoutRule(
+    max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes, factor_axes
+  )
 
 
 @_shares_args
@@ -193,6 +203,8 @@ def soap(
   stats_dtype: DTypeLike | None = None,
   basis_dtype: DTypeLike | None = None,
   moment_dtype: DTypeLike | None = None,
+  mu_dtype: DTypeLike | None = None,
+  factor_axes: FactorAxes = "all",
 ) -> optax.GradientTransformationExtraArgs:
   r"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner.
 
@@ -253,12 +265,20 @@ def soap(
       correct_bias=correct_bias,
       normalize_grads=normalize_grads,
       moment_dtype=moment_dtype,
+      mu_dtype=mu_dtype,
     ),
     learning_rate=learning_rate,
     weight_decay=weight_decay,
     weight_decay_mask=weight_decay_mask,
     beta=b2 if shampoo_beta is None else shampoo_beta,
-    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes),
+    layout=_layout(
+      max_precond_dim,
+      merge_dims,
+      precondition_1d,
+      block_size,
+      stacked_axes,
+      factor_axes=factor_axes,
+    ),
     precondition_frequency=precondition_frequency,
     stagger_refresh=stagger_refresh,
     stats_dtype=stats_dtype,
@@ -296,6 +316,8 @@ def shampoo(
   stats_dtype: DTypeLike | None = None,
   basis_dtype: DTypeLike | None = None,
   moment_dtype: DTypeLike | None = None,
+  mu_dtype: DTypeLike | None = None,
+  factor_axes: FactorAxes = "all",
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo (power 1/2 by default) with Adam grafting, as Distributed Shampoo runs it.
 
@@ -366,12 +388,20 @@ def shampoo(
       graft_b2=b2,
       graft_eps=graft_eps,
       moment_dtype=moment_dtype,
+      mu_dtype=mu_dtype,
     ),
     learning_rate=learning_rate,
     weight_decay=weight_decay,
     weight_decay_mask=weight_decay_mask,
     beta=b2 if shampoo_beta is None else shampoo_beta,
-    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes),
+    layout=_layout(
+      max_precond_dim,
+      merge_dims,
+      precondition_1d,
+      block_size,
+      stacked_axes,
+      factor_axes=factor_axes,
+    ),
     precondition_frequency=precondition_frequency,
     stagger_refresh=stagger_refresh,
     stats_dtype=stats_dtype,
@@ -406,6 +436,8 @@ def eigen_adafactor(
   stats_dtype: DTypeLike | None = None,
   basis_dtype: DTypeLike | None = None,
   moment_dtype: DTypeLike | None = None,
+  mu_dtype: DTypeLike | None = None,
+  factor_axes: FactorAxes = "all",
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor in the eigenbasis of Shampoo's preconditioner (the SOAP paper's Shampoo-1/2).
 
@@ -448,7 +480,14 @@ def eigen_adafactor(
   """
   _check_common(learning_rate, b1, b2, shampoo_beta, eps, weight_decay, precondition_frequency)
   _checks.check_nonnegative("eps2", eps2)
-  layout = _layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes)
+  layout = _layout(
+    max_precond_dim,
+    merge_dims,
+    precondition_1d,
+    block_size,
+    stacked_axes,
+    factor_axes=factor_axes,
+  )
   return _kronecker_chain(
     rotated_adafactor(
       b1,
@@ -458,6 +497,7 @@ def eigen_adafactor(
       eps2=eps2,
       correct_bias=correct_bias,
       moment_dtype=moment_dtype,
+      mu_dtype=mu_dtype,
     ),
     learning_rate=learning_rate,
     weight_decay=weight_decay,
@@ -495,6 +535,8 @@ def eshampoo(
   stats_dtype: DTypeLike | None = None,
   basis_dtype: DTypeLike | None = None,
   moment_dtype: DTypeLike | None = None,
+  mu_dtype: DTypeLike | None = None,
+  factor_axes: FactorAxes = "all",
 ) -> optax.GradientTransformationExtraArgs:
   """Eigenvalue-corrected Shampoo with the adaptive eigenbasis refresh of *Purifying Shampoo*.
 
@@ -540,12 +582,19 @@ def eshampoo(
   _checks.check_unit_interval("refresh_tolerance", refresh_tolerance, closed=True)
   _checks.check_positive_int("max_qr_iterations", max_qr_iterations)
   return _kronecker_chain(
-    eigenvalue_corrected(b1, b2, eps, moment_dtype=moment_dtype),
+    eigenvalue_corrected(b1, b2, eps, moment_dtype=moment_dtype, mu_dtype=mu_dtype),
     learning_rate=learning_rate,
     weight_decay=weight_decay,
     weight_decay_mask=weight_decay_mask,
     beta=b2 if shampoo_beta is None else shampoo_beta,
-    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes),
+    layout=_layout(
+      max_precond_dim,
+      merge_dims,
+      precondition_1d,
+      block_size,
+      stacked_axes,
+      factor_axes=factor_axes,
+    ),
     precondition_frequency=precondition_frequency,
     stagger_refresh=stagger_refresh,
     stats_dtype=stats_dtype,
