@@ -57,6 +57,8 @@ _SHARED_ARGS = """\
       ``"larger"``, ``"none"``, a tuple of working axes, or per parameter a function
       ``(path, shape) -> choice`` or a mapping ``{regular expression on the path: choice}``
       (see :class:`~soap_optax.LayoutRule`); the other axes stay unrotated, as a long axis does.
+      With ``optax.inject_hyperparams``, name a function rule in ``static_args`` (it would be
+      taken for a schedule).
 """
 
 

@@ -2,8 +2,9 @@
 
 Every block of a composition asks the same question of a parameter — after which reshape, cut
 into which blocks, which axes carry a factor — and must get the same answer. That answer depends
-only on the parameter's shape and on four settings, so it is decided here, statically, in plain
-Python: nothing traced, nothing that could differ between blocks. :func:`to_blocks` and
+only on the parameter's shape (and, with a per-parameter ``factor_axes`` rule, its path) and on
+the rule's settings, so it is decided here, statically, in plain Python: nothing traced, nothing
+that could differ between blocks. :func:`to_blocks` and
 :func:`from_blocks` are the only array code: they move a parameter-shaped array to the layout
 every block computes in and back.
 
@@ -14,7 +15,9 @@ does not divide), and each block gets its own factors, as Distributed Shampoo's
 ``max_preconditioner_dim`` does. With ``stacked_axes``, the leading axes of a parameter stack
 independent parameters (the layers of a model scanned over its depth): each slice is laid out as
 above and the slices' blocks follow one another on the block axis, so a stack of ``L`` layers
-costs one set of batched operations, not ``L``.
+costs one set of batched operations, not ``L``. With ``factor_axes``, only some of the axes that
+may carry a factor get one (one side of a matrix, or a choice per parameter); the others are left
+as an axis longer than ``max_precond_dim`` is: no statistic, the identity for a basis.
 """
 
 from __future__ import annotations
@@ -251,7 +254,7 @@ def _static_int(name: str, value, *, allow_none: bool = False):
 
 @dataclasses.dataclass(frozen=True)
 class LayoutRule:
-  """Decides, from a shape alone, how a parameter is blocked and which axes get a factor.
+  """Decides, from a parameter's shape (and path), how it is blocked and which axes get a factor.
 
   One rule is shared by every block of a composition (the aliases build one and hand it to each
   block), which is what guarantees that the statistics, the bases and the rotated moments agree.

@@ -304,6 +304,21 @@ def test_a_key_that_matches_no_parameter_of_a_partition_is_an_error():
     tx.init({k: jnp.zeros(s) for k, s in MODEL.items()})
 
 
+def test_a_function_rule_passes_through_inject_hyperparams_as_a_static_arg():
+  def rule(path, shape):
+    return "none" if path == "embed" else "smaller"
+
+  tx = optax.inject_hyperparams(soap_optax.soap, static_args=("factor_axes",))(
+    learning_rate=1e-3, factor_axes=rule
+  )
+  state = tx.init({k: jnp.zeros(s) for k, s in MODEL.items()})
+  assert _factor_keys(state) == [
+    "head:0",
+    "layer/attn/kernel:0",
+    "layer/mlp/kernel:0",
+  ]
+
+
 # -- invalid rules name the parameter ------------------------------------------------------------
 
 
