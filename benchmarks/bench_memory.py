@@ -43,6 +43,9 @@ import _common  # noqa: E402
 EMBEDDINGS_UNFACTORED = {"embed": "none"}
 # Attention kernels keep both sides, the embeddings none, everything else its smaller side.
 ATTENTION_BOTH = {"embed": "none", "attn|qkv": "all", "": "smaller"}
+# The example LM ties its output head to the token embedding: that matrix is also the head.
+EMBEDDINGS_BOTH = {"embed": "all", "": "smaller"}
+ATTENTION_AND_EMBEDDINGS_BOTH = {"embed|attn|qkv": "all", "": "smaller"}
 BF16 = jnp.bfloat16
 
 # name -> (alias, options): SOAP's memory levers, alone and combined.
@@ -55,6 +58,11 @@ LEVERS = {
   "soap attention both, rest smaller, embeddings none + mu bf16": (
     "soap",
     dict(factor_axes=ATTENTION_BOTH, mu_dtype=BF16),
+  ),
+  "soap smaller, embeddings both": ("soap", dict(factor_axes=EMBEDDINGS_BOTH)),
+  "soap smaller, attention and embeddings both + mu bf16": (
+    "soap",
+    dict(factor_axes=ATTENTION_AND_EMBEDDINGS_BOTH, mu_dtype=BF16),
   ),
   "soap mu bf16": ("soap", dict(mu_dtype=BF16)),
   "soap stats+basis bf16": ("soap", dict(stats_dtype=BF16)),
