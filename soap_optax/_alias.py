@@ -15,7 +15,7 @@ from jax.typing import DTypeLike
 from soap_optax import _checks, _linalg
 from soap_optax._eigenbasis import Method, eigenbasis_refresh
 from soap_optax._grafting import Grafting
-from soap_optax._layout import LayoutRule
+from soap_optax._layout import FactorAxes, LayoutRule
 from soap_optax._linalg import MatmulPrecision
 from soap_optax._rotated import eigenvalue_corrected, rotated_adafactor, rotated_adam
 from soap_optax._shampoo import shampoo_precondition
@@ -52,6 +52,14 @@ _SHARED_ARGS = """\
       params); ``jnp.bfloat16`` halves their memory, decompositions still run in float32.
     basis_dtype: storage dtype of the eigenbases (default: as the statistics).
     moment_dtype: storage dtype of the moments (default float32, float64 for float64 params).
+    mu_dtype: storage dtype of the first moment alone, overriding ``moment_dtype`` for it
+      (optax's ``mu_dtype``; ``jnp.bfloat16`` saves 2 bytes per parameter).
+    factor_axes: which axes get a factor: ``"all"`` (the reference's behaviour), ``"smaller"``,
+      ``"larger"``, ``"none"``, a tuple of working axes, or per parameter a function
+      ``(path, shape) -> choice`` or a mapping ``{regular expression on the path: choice}``
+      (see :class:`~soap_optax.LayoutRule`); the other axes stay unrotated, as a long axis does.
+      With ``optax.inject_hyperparams``, name a function rule in ``static_args`` (it would be
+      taken for a schedule).
     precision: of the statistics' and rotations' matmuls: ``"highest"`` (full float32, the
       default), ``"high"``/``"default"`` (an accelerator's faster TF32/bf16 passes), or
       ``"bfloat16"`` (operands rounded to bfloat16, float32 accumulation, on every platform).
@@ -133,11 +141,15 @@ def _check_common(b1, b2, shampoo_beta, eps, precondition_frequency) -> None:
   _checks.check_positive_int("precondition_frequency", precondition_frequency)
 
 
-def _layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes) -> LayoutRule:
+def _layout(
+  max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes, factor_axes
+) -> LayoutRule:
   if max_precond_dim is None:
     max_precond_dim = _MAX_PRECOND_DIM
   stacked_axes = 0 if stacked_axes is None else stacked_axes
-  return LayoutRule(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes)
+  return LayoutRule(
+    max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes, factor_axes
+  )
 
 
 def _kronecker_blocks(
@@ -222,6 +234,8 @@ def _soap_blocks(
   stats_dtype,
   basis_dtype,
   moment_dtype,
+  mu_dtype,
+  factor_axes,
   precision,
 ):
   _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
@@ -232,12 +246,15 @@ def _soap_blocks(
     correct_bias=correct_bias,
     normalize_grads=normalize_grads,
     moment_dtype=moment_dtype,
+    mu_dtype=mu_dtype,
     precision=precision,
   )
   return _kronecker_blocks(
     direction,
     beta=b2 if shampoo_beta is None else shampoo_beta,
-    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes),
+    layout=_layout(
+      max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes, factor_axes
+    ),
     precondition_frequency=precondition_frequency,
     stagger_refresh=stagger_refresh,
     stats_dtype=stats_dtype,
@@ -272,6 +289,8 @@ def _shampoo_blocks(
   stats_dtype,
   basis_dtype,
   moment_dtype,
+  mu_dtype,
+  factor_axes,
   precision,
 ):
   _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
@@ -285,12 +304,15 @@ def _shampoo_blocks(
     graft_b2=b2,
     graft_eps=graft_eps,
     moment_dtype=moment_dtype,
+    mu_dtype=mu_dtype,
     precision=precision,
   )
   return _kronecker_blocks(
     direction,
     beta=b2 if shampoo_beta is None else shampoo_beta,
-    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes),
+    layout=_layout(
+      max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes, factor_axes
+    ),
     precondition_frequency=precondition_frequency,
     stagger_refresh=stagger_refresh,
     stats_dtype=stats_dtype,
@@ -322,10 +344,14 @@ def _eigen_adafactor_blocks(
   stats_dtype,
   basis_dtype,
   moment_dtype,
+  mu_dtype,
+  factor_axes,
   precision,
 ):
   _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
-  layout = _layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes)
+  layout = _layout(
+    max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes, factor_axes
+  )
   direction = rotated_adafactor(
     b1,
     b2,
@@ -334,6 +360,7 @@ def _eigen_adafactor_blocks(
     eps2=eps2,
     correct_bias=correct_bias,
     moment_dtype=moment_dtype,
+    mu_dtype=mu_dtype,
     precision=precision,
   )
   return _kronecker_blocks(
@@ -368,13 +395,19 @@ def _eshampoo_blocks(
   stats_dtype,
   basis_dtype,
   moment_dtype,
+  mu_dtype,
+  factor_axes,
   precision,
 ):
   _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
   return _kronecker_blocks(
-    eigenvalue_corrected(b1, b2, eps, moment_dtype=moment_dtype, precision=precision),
+    eigenvalue_corrected(
+      b1, b2, eps, moment_dtype=moment_dtype, mu_dtype=mu_dtype, precision=precision
+    ),
     beta=b2 if shampoo_beta is None else shampoo_beta,
-    layout=_layout(max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes),
+    layout=_layout(
+      max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes, factor_axes
+    ),
     precondition_frequency=precondition_frequency,
     stagger_refresh=stagger_refresh,
     stats_dtype=stats_dtype,
@@ -409,6 +442,8 @@ def scale_by_soap(
   stats_dtype: DTypeLike | None = None,
   basis_dtype: DTypeLike | None = None,
   moment_dtype: DTypeLike | None = None,
+  mu_dtype: DTypeLike | None = None,
+  factor_axes: FactorAxes = "all",
   precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   """SOAP's update direction, to compose like ``optax.scale_by_adam``.
@@ -482,6 +517,8 @@ def scale_by_shampoo(
   stats_dtype: DTypeLike | None = None,
   basis_dtype: DTypeLike | None = None,
   moment_dtype: DTypeLike | None = None,
+  mu_dtype: DTypeLike | None = None,
+  factor_axes: FactorAxes = "all",
   precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo's grafted update direction, to compose like optax's ``scale_by_*``.
@@ -548,6 +585,8 @@ def scale_by_eigen_adafactor(
   stats_dtype: DTypeLike | None = None,
   basis_dtype: DTypeLike | None = None,
   moment_dtype: DTypeLike | None = None,
+  mu_dtype: DTypeLike | None = None,
+  factor_axes: FactorAxes = "all",
   precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor's direction in Shampoo's eigenbasis, to compose like optax's ``scale_by_*``.
@@ -605,6 +644,8 @@ def scale_by_eshampoo(
   stats_dtype: DTypeLike | None = None,
   basis_dtype: DTypeLike | None = None,
   moment_dtype: DTypeLike | None = None,
+  mu_dtype: DTypeLike | None = None,
+  factor_axes: FactorAxes = "all",
   precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   """EShampoo's direction with the adaptive refresh, to compose like optax's ``scale_by_*``.
@@ -667,6 +708,8 @@ def soap(
   stats_dtype: DTypeLike | None = None,
   basis_dtype: DTypeLike | None = None,
   moment_dtype: DTypeLike | None = None,
+  mu_dtype: DTypeLike | None = None,
+  factor_axes: FactorAxes = "all",
   precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   r"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner.
@@ -753,6 +796,8 @@ def shampoo(
   stats_dtype: DTypeLike | None = None,
   basis_dtype: DTypeLike | None = None,
   moment_dtype: DTypeLike | None = None,
+  mu_dtype: DTypeLike | None = None,
+  factor_axes: FactorAxes = "all",
   precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo (power 1/2 by default) with Adam grafting, as Distributed Shampoo runs it.
@@ -837,6 +882,8 @@ def eigen_adafactor(
   stats_dtype: DTypeLike | None = None,
   basis_dtype: DTypeLike | None = None,
   moment_dtype: DTypeLike | None = None,
+  mu_dtype: DTypeLike | None = None,
+  factor_axes: FactorAxes = "all",
   precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor in the eigenbasis of Shampoo's preconditioner (the SOAP paper's Shampoo-1/2).
@@ -907,6 +954,8 @@ def eshampoo(
   stats_dtype: DTypeLike | None = None,
   basis_dtype: DTypeLike | None = None,
   moment_dtype: DTypeLike | None = None,
+  mu_dtype: DTypeLike | None = None,
+  factor_axes: FactorAxes = "all",
   precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   """Eigenvalue-corrected Shampoo with the adaptive eigenbasis refresh of *Purifying Shampoo*.

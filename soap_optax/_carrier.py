@@ -219,7 +219,7 @@ def expect_carriers(updates, block: str, needs: str, produced_by: str) -> None:
 
 def check_layout(carrier: KroneckerUpdate, rule: LayoutRule, block: str) -> None:
   """Raises when ``block`` was built with another layout than the statistics it receives."""
-  expected = rule.layout(carrier.layout.shape)
+  expected = rule.layout(carrier.layout.shape, carrier.name)
   if expected != carrier.layout:
     raise ValueError(
       f"{block} was built with {rule}, which lays out parameter {carrier.name!r} of shape "

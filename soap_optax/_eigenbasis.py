@@ -376,7 +376,7 @@ def eigenbasis_refresh(
       def build(name, p):
         dt = storage_dtype(p.dtype, dtype)
         out = {}
-        for axis, shape in factor_shapes(rule.layout(p.shape)).items():
+        for axis, shape in factor_shapes(rule.layout(p.shape, name)).items():
           x = make(shape, dt)
           out[factor_key(name, axis)] = _sharding.constrain(
             x, _sharding.spread(x.shape, mesh), mesh

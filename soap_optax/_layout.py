@@ -2,8 +2,9 @@
 
 Every block of a composition asks the same question of a parameter — after which reshape, cut
 into which blocks, which axes carry a factor — and must get the same answer. That answer depends
-only on the parameter's shape and on four settings, so it is decided here, statically, in plain
-Python: nothing traced, nothing that could differ between blocks. :func:`to_blocks` and
+only on the parameter's shape (and, with a per-parameter ``factor_axes`` rule, its path) and on
+the rule's settings, so it is decided here, statically, in plain Python: nothing traced, nothing
+that could differ between blocks. :func:`to_blocks` and
 :func:`from_blocks` are the only array code: they move a parameter-shaped array to the layout
 every block computes in and back.
 
@@ -14,14 +15,18 @@ does not divide), and each block gets its own factors, as Distributed Shampoo's
 ``max_preconditioner_dim`` does. With ``stacked_axes``, the leading axes of a parameter stack
 independent parameters (the layers of a model scanned over its depth): each slice is laid out as
 above and the slices' blocks follow one another on the block axis, so a stack of ``L`` layers
-costs one set of batched operations, not ``L``.
+costs one set of batched operations, not ``L``. With ``factor_axes``, only some of the axes that
+may carry a factor get one (one side of a matrix, or a choice per parameter); the others are left
+as an axis longer than ``max_precond_dim`` is: no statistic, the identity for a basis.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +189,54 @@ def from_blocks(x: jax.Array, layout: FactorLayout) -> jax.Array:
   return x.reshape(layout.shape)
 
 
+# Which working axes of a parameter carry a factor, among those the other settings allow.
+FactorChoice = Literal["all", "smaller", "larger", "none"] | tuple[int, ...]
+# A choice for every parameter, or one decided per parameter from its path and shape.
+FactorAxes = (
+  FactorChoice | Callable[[str, tuple[int, ...]], FactorChoice] | Mapping[str, FactorChoice]
+)
+_NAMED_CHOICES = ("all", "smaller", "larger", "none")
+
+
+def _check_choice(choice, where: str) -> FactorChoice:
+  """``choice`` as a name or a tuple of ints, or a ValueError saying what is accepted."""
+  if isinstance(choice, str):
+    if choice in _NAMED_CHOICES:
+      return choice
+  elif isinstance(choice, Sequence) and all(
+    isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in choice
+  ):
+    return tuple(int(a) for a in choice)
+  raise ValueError(
+    f"{where}: a factor choice is one of {_NAMED_CHOICES} or a tuple of working-axis indices, "
+    f"got {choice!r}."
+  )
+
+
+def _chosen(choice: FactorChoice, working: tuple[int, ...], allowed: tuple[bool, ...]):
+  """The factored flags that ``choice`` keeps of ``allowed`` (per working axis)."""
+  candidates = [axis for axis, ok in enumerate(allowed) if ok]
+  if isinstance(choice, tuple):
+    rank = len(working)
+    bad = [a for a in choice if not -rank <= a < rank]
+    if bad:
+      raise ValueError(
+        f"factor axes {choice} name axes {bad} that do not exist: the working shape is "
+        f"{working} ({rank} axes, after stacked_axes and merge_dims)."
+      )
+    keep = [a % rank for a in choice]
+  elif choice == "all":
+    keep = candidates
+  elif choice == "none" or not candidates:
+    keep = []
+  elif choice == "smaller":
+    # Ties go to the first axis: the least (length, index).
+    keep = [min(candidates, key=lambda a: (working[a], a))]
+  else:  # "larger"; ties go to the first axis too.
+    keep = [max(candidates, key=lambda a: (working[a], -a))]
+  return tuple(ok and axis in keep for axis, ok in enumerate(allowed))
+
+
 def _static_int(name: str, value, *, allow_none: bool = False):
   """``value`` as a Python int, or a ValueError saying that it decides array shapes."""
   if value is None and allow_none:
@@ -201,7 +254,7 @@ def _static_int(name: str, value, *, allow_none: bool = False):
 
 @dataclasses.dataclass(frozen=True)
 class LayoutRule:
-  """Decides, from a shape alone, how a parameter is blocked and which axes get a factor.
+  """Decides, from a parameter's shape (and path), how it is blocked and which axes get a factor.
 
   One rule is shared by every block of a composition (the aliases build one and hand it to each
   block), which is what guarantees that the statistics, the bases and the rotated moments agree.
@@ -223,6 +276,22 @@ class LayoutRule:
       with the stack's length. ``0`` (the default) treats every axis as the parameter's own.
       The rule applies to every parameter it is given: use it on the stacked part of a model
       (``optax.partition``), not on parameters without a stack axis.
+    factor_axes: which of the axes that the settings above allow a factor actually get one.
+      ``"all"`` (the default, the SOAP reference's behaviour) factors all of them; ``"smaller"``
+      or ``"larger"`` only the shortest or the longest of them (by working-axis length; ties go
+      to the first axis, so on a square matrix both pick axis 0, the input side of a Flax
+      ``Dense`` kernel); ``"none"`` none; a tuple of working-axis indices (negative ones count
+      from the end) those of them. Every other axis is left exactly as ``max_precond_dim`` leaves
+      a long one: no statistic, no basis (the identity), its coordinates treated diagonally by
+      the optimizer after the rotation. Axes are counted in the working shape of one block:
+      after ``stacked_axes`` are set aside and ``merge_dims`` has merged (with ``block_size``,
+      every block of a parameter gets the same axes). Per parameter: a function
+      ``(path, shape) -> choice`` (``path`` as in the state's keys, e.g. ``"layer0/mlp/kernel"``,
+      ``shape`` the parameter's full shape), or a mapping ``{regular expression: choice}`` whose
+      first key found (``re.search``) in the path decides; a parameter that no key matches gets
+      ``"all"``. A key that matches no parameter of the tree given to ``init`` is an error (a
+      misspelt name would otherwise change nothing): with ``optax.partition``, give each part's
+      rule only the keys of its own parameters.
 
   Examples:
     >>> import soap_optax
@@ -234,6 +303,11 @@ class LayoutRule:
     >>> stacked = soap_optax.LayoutRule(stacked_axes=1).layout((12, 384, 1536))
     >>> stacked.blocked_shape, stacked.factor_sizes  # 12 layers, each with its own two factors
     ((12, 384, 1536), (384, 1536))
+    >>> soap_optax.LayoutRule(factor_axes="smaller").layout((384, 1536)).factor_sizes
+    (384, None)
+    >>> per_parameter = soap_optax.LayoutRule(factor_axes={"embed|head": "none", "attn": "all"})
+    >>> per_parameter.layout((256, 384), name="embed").factored
+    (False, False)
   """
 
   max_precond_dim: int = 10000
@@ -241,6 +315,7 @@ class LayoutRule:
   precondition_1d: bool = False
   block_size: int | None = None
   stacked_axes: int = 0
+  factor_axes: FactorAxes = "all"
 
   def __post_init__(self):
     object.__setattr__(
@@ -255,14 +330,57 @@ class LayoutRule:
     object.__setattr__(self, "stacked_axes", _static_int("stacked_axes", self.stacked_axes))
     if self.stacked_axes < 0:
       raise ValueError(f"stacked_axes must be >= 0, got {self.stacked_axes}.")
+    rule = self.factor_axes
+    if isinstance(rule, Mapping):
+      # Kept as a tuple of pairs, so that the rule stays hashable and compares by value.
+      pairs = tuple((str(k), _check_choice(v, f"factor_axes[{k!r}]")) for k, v in rule.items())
+      for pattern, _ in pairs:
+        try:
+          re.compile(pattern)
+        except re.error as e:
+          raise ValueError(f"factor_axes key {pattern!r} is not a regular expression: {e}") from e
+      object.__setattr__(self, "factor_axes", _PathRules(pairs))
+    elif not callable(rule):
+      object.__setattr__(self, "factor_axes", _check_choice(rule, "factor_axes"))
 
-  def layout(self, shape: Sequence[int]) -> FactorLayout:
-    """Returns the :class:`FactorLayout` of a parameter of this shape.
+  @property
+  def per_parameter(self) -> bool:
+    """Whether the layout depends on the parameter's path as well as its shape."""
+    return callable(self.factor_axes)
+
+  def check_names(self, names: Sequence[str]) -> None:
+    """Raises if a key of a ``factor_axes`` mapping matches none of ``names``.
+
+    :func:`~soap_optax.kronecker_stats` calls it with the paths of the parameters it is
+    initialised with.
 
     Raises:
-      ValueError: if the shape has fewer axes than ``stacked_axes``.
+      ValueError: naming the key and the parameter paths it was tried on.
     """
-    full = tuple(int(n) for n in shape)
+    # No names: the leafless placeholder that optax.tree.map_params initialises with.
+    if names and isinstance(self.factor_axes, _PathRules):
+      self.factor_axes.check_used(names)
+
+  def layout(self, shape: Sequence[int], name: str | None = None) -> FactorLayout:
+    """Returns the :class:`FactorLayout` of a parameter of this shape (and path).
+
+    Args:
+      shape: the parameter's shape.
+      name: the parameter's path (as in the state's keys); needed when ``factor_axes`` decides
+        per parameter, and named in the errors.
+
+    Raises:
+      ValueError: if the shape has fewer axes than ``stacked_axes``, or the factor axes chosen
+        for the parameter name an axis that does not exist (the message names the parameter).
+    """
+    try:
+      return self._layout(tuple(int(n) for n in shape), name)
+    except ValueError as e:
+      if name is None:
+        raise
+      raise ValueError(f"parameter {name!r}: {e}") from None
+
+  def _layout(self, full: tuple[int, ...], name: str | None) -> FactorLayout:
     if len(full) < self.stacked_axes:
       raise ValueError(
         f"stacked_axes={self.stacked_axes} needs parameters with at least that many axes, got "
@@ -282,4 +400,37 @@ class LayoutRule:
     else:
       block = tuple(min(n, self.block_size) for n in working)
     factored = tuple(may_factor and 0 < b <= self.max_precond_dim for b in block)
+    factored = _chosen(self._choice(name, full), working, factored)
     return FactorLayout(full, working, factored, block, stack)
+
+  def _choice(self, name: str | None, shape: tuple[int, ...]) -> FactorChoice:
+    rule = self.factor_axes
+    if not callable(rule):
+      return rule
+    if name is None:
+      raise ValueError(
+        "this LayoutRule decides its factor axes per parameter: pass the parameter's path "
+        "(layout(shape, name=...))."
+      )
+    return _check_choice(rule(name, shape), f"factor_axes({name!r}, {shape})")
+
+
+@dataclasses.dataclass(frozen=True)
+class _PathRules:
+  """A ``factor_axes`` mapping: the first regular expression found in the path decides."""
+
+  rules: tuple[tuple[str, FactorChoice], ...]
+
+  def __call__(self, name: str, shape: tuple[int, ...]) -> FactorChoice:
+    del shape
+    for pattern, choice in self.rules:
+      if re.search(pattern, name):
+        return choice
+    return "all"
+
+  def check_used(self, names: Sequence[str]) -> None:
+    for pattern, _ in self.rules:
+      if not any(re.search(pattern, name) for name in names):
+        raise ValueError(
+          f"factor_axes key {pattern!r} matches no parameter; the parameters are {sorted(names)}."
+        )

@@ -12,7 +12,7 @@ each lives) and its direction rule.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, NamedTuple
 
 import jax
@@ -140,6 +140,7 @@ def eigenbasis_optimizer(
   state_type: type,
   *,
   moment_dtype: DTypeLike | None = None,
+  moment_dtypes: Mapping[str, DTypeLike | None] | None = None,
   layout: LayoutRule | None = None,
   needs: str = "basis",
   precision: MatmulPrecision = "highest",
@@ -153,6 +154,8 @@ def eigenbasis_optimizer(
       rotation to a direction and the new moments.
     state_type: a NamedTuple with one field per moment.
     moment_dtype: storage dtype of the moments (default: float32, float64 for float64 params).
+    moment_dtypes: per moment name, a storage dtype that overrides ``moment_dtype`` (``None``
+      values are ignored); e.g. ``{"mu": jnp.bfloat16}`` for optax's ``mu_dtype``.
     layout: the composition's rule; needed only for moments with a ``shape`` (and then checked).
     needs: the record field that must be filled in before this block.
     precision: of the rotations' matmuls (see :func:`~soap_optax.kronecker_stats`).
@@ -188,22 +191,26 @@ def eigenbasis_optimizer(
     (3, 2)
   """
   kinds = {m.name: m.basis for m in moments}
+  overrides = {k: v for k, v in (moment_dtypes or {}).items() if v is not None}
   matmul = matmul_settings(precision)
 
   def init_fn(params):
     def field(moment):
+      # The stored dtype is the one kept: each step computes in float32 and casts back to it.
+      dtype = overrides.get(moment.name, moment_dtype)
+
       def zeros(p):
-        return jnp.zeros_like(p, dtype=storage_dtype(p.dtype, moment_dtype))
+        return jnp.zeros_like(p, dtype=storage_dtype(p.dtype, dtype))
 
       if moment.shape is None:
         return jax.tree.map(zeros, params)
       mesh = _sharding.find_mesh(params)
 
       def build(name, p):
-        shape = moment.shape(layout.layout(p.shape))
+        shape = moment.shape(layout.layout(p.shape, name))
         if shape is None:
           return {}
-        x = jnp.zeros(shape, storage_dtype(p.dtype, moment_dtype))
+        x = jnp.zeros(shape, storage_dtype(p.dtype, dtype))
         return {name: _sharding.constrain(x, _sharding.spread(shape, mesh), mesh)}
 
       with _sharding.using(mesh):
@@ -269,12 +276,13 @@ def _step(carrier: KroneckerUpdate, stored: dict, *, direction, kinds, param_sha
   return from_blocks(jnp.where(live, step, 0), layout), back
 
 
-def _check_moments(*, b1, b2, eps, moment_dtype) -> None:
+def _check_moments(*, b1, b2, eps, moment_dtype, mu_dtype) -> None:
   """The checks every rotated optimizer's moment arguments share."""
   _checks.check_unit_interval("b1", b1)
   _checks.check_unit_interval("b2", b2)
   _checks.check_nonnegative("eps", eps)
   _checks.check_float_dtype("moment_dtype", moment_dtype)
+  _checks.check_float_dtype("mu_dtype", mu_dtype)
 
 
 # -- SOAP -----------------------------------------------------------------------------------------
@@ -307,6 +315,7 @@ def rotated_adam(
   correct_bias: bool = True,
   normalize_grads: bool = False,
   moment_dtype: DTypeLike | None = None,
+  mu_dtype: DTypeLike | None = None,
   precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformation:
   """Adam in the eigenbasis of the Kronecker factors: SOAP's update direction.
@@ -335,6 +344,9 @@ def rotated_adam(
       before the bias correction.
     moment_dtype: storage dtype of the moments; float32 by default (float64 for float64
       parameters).
+    mu_dtype: storage dtype of the first moment alone, overriding ``moment_dtype`` for it
+      (optax's ``mu_dtype``: ``jnp.bfloat16`` saves 2 bytes per parameter; the second moment,
+      whose square root divides, keeps ``moment_dtype``).
     precision: of the rotations' matmuls: ``"highest"`` (the default), ``"high"``,
       ``"default"``, ``"bfloat16"`` or a ``jax.lax.Precision`` (see
       :func:`~soap_optax.kronecker_stats`).
@@ -364,7 +376,7 @@ def rotated_adam(
     <https://arxiv.org/abs/1412.6980>`_, 2014.
   """
 
-  _check_moments(b1=b1, b2=b2, eps=eps, moment_dtype=moment_dtype)
+  _check_moments(b1=b1, b2=b2, eps=eps, moment_dtype=moment_dtype, mu_dtype=mu_dtype)
 
   def direction(carrier, moments, rotation):
     g = rotation.into(carrier.grad)
@@ -388,6 +400,7 @@ def rotated_adam(
     direction,
     RotatedAdamState,
     moment_dtype=moment_dtype,
+    moment_dtypes={"mu": mu_dtype},
     precision=precision,
   )
 
@@ -438,6 +451,7 @@ def rotated_adafactor(
   eps2: float = 1e-30,
   correct_bias: bool = True,
   moment_dtype: DTypeLike | None = None,
+  mu_dtype: DTypeLike | None = None,
   precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformation:
   r"""Adafactor in the eigenbasis of the Kronecker factors.
@@ -461,6 +475,7 @@ def rotated_adafactor(
     eps2: added to ``G'²`` before the sums (Adafactor's ε₁), so that ``Σr`` is never zero.
     correct_bias: apply the bias correction ``c_t``.
     moment_dtype: storage dtype of the moments (default float32, float64 for float64 params).
+    mu_dtype: storage dtype of the first moment alone, overriding ``moment_dtype`` for it.
     precision: of the rotations' matmuls: ``"highest"`` (the default), ``"high"``,
       ``"default"``, ``"bfloat16"`` or a ``jax.lax.Precision`` (see
       :func:`~soap_optax.kronecker_stats`).
@@ -485,7 +500,7 @@ def rotated_adafactor(
     Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory Cost
     <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
-  _check_moments(b1=b1, b2=b2, eps=eps, moment_dtype=moment_dtype)
+  _check_moments(b1=b1, b2=b2, eps=eps, moment_dtype=moment_dtype, mu_dtype=mu_dtype)
   _checks.check_nonnegative("eps2", eps2)
   rule = layout or LayoutRule()
 
@@ -521,6 +536,7 @@ def rotated_adafactor(
     direction,
     RotatedAdafactorState,
     moment_dtype=moment_dtype,
+    moment_dtypes={"mu": mu_dtype},
     layout=rule,
     precision=precision,
   )
@@ -547,6 +563,7 @@ def eigenvalue_corrected(
   eps: float = 1e-8,
   *,
   moment_dtype: DTypeLike | None = None,
+  mu_dtype: DTypeLike | None = None,
   precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformation:
   r"""Eigenvalue-corrected Shampoo (EShampoo): Shampoo's eigenbasis with Adam-like eigenvalues.
@@ -568,6 +585,7 @@ def eigenvalue_corrected(
     eps: added to ``√D̂``.
     moment_dtype: storage dtype of ``M`` and ``D`` (default float32, float64 for float64
       params).
+    mu_dtype: storage dtype of ``M`` alone, overriding ``moment_dtype`` for it.
     precision: of the rotations' matmuls: ``"highest"`` (the default), ``"high"``,
       ``"default"``, ``"bfloat16"`` or a ``jax.lax.Precision`` (see
       :func:`~soap_optax.kronecker_stats`).
@@ -593,7 +611,7 @@ def eigenvalue_corrected(
     <https://arxiv.org/abs/1806.03884>`_, 2018.
   """
 
-  _check_moments(b1=b1, b2=b2, eps=eps, moment_dtype=moment_dtype)
+  _check_moments(b1=b1, b2=b2, eps=eps, moment_dtype=moment_dtype, mu_dtype=mu_dtype)
 
   def direction(carrier, moments, rotation):
     mu = optax.tree.update_moment(carrier.grad, moments["mu"], b1, 1)
@@ -610,5 +628,6 @@ def eigenvalue_corrected(
     direction,
     EigenvalueCorrectedState,
     moment_dtype=moment_dtype,
+    moment_dtypes={"mu": mu_dtype},
     precision=precision,
   )

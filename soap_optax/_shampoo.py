@@ -71,6 +71,7 @@ def shampoo_precondition(
   graft_b2: float = 0.999,
   graft_eps: float = 1e-8,
   moment_dtype: DTypeLike | None = None,
+  mu_dtype: DTypeLike | None = None,
   precision: MatmulPrecision = "highest",
 ) -> optax.GradientTransformation:
   r"""Preconditions with Shampoo's factors: ``M̂ ×_k (L_k + ε)^(−exponent)``, optionally grafted.
@@ -88,6 +89,16 @@ def shampoo_precondition(
   ``exponent=0.25`` is the original Shampoo ``L^(−1/4) G R^(−1/4)``. The rotation never forms an
   inverse root: the vector is rotated into the eigenbases, scaled coordinate-wise and rotated
   back.
+
+  The exponent belongs to each factored axis and does not depend on how many there are: the
+  preconditioner is ``H^(−exponent)`` for ``H = ⊗_k L_k`` with the identity on every axis that
+  has no factor (left out by ``max_precond_dim`` or by the rule's ``factor_axes``). A matrix
+  with its right side left out is stepped by ``(L + ε)^(−exponent) M̂``: with the default 0.5,
+  the inverse square root of one-sided Shampoo (full-matrix AdaGrad over the rows), which is
+  what Google's Distributed Shampoo computes for a one-sided preconditioner, its root ``2K``
+  counting the ``K`` preconditioned axes. ``exponent=0.25`` stays 0.25 on a one-sided
+  parameter (no re-derivation from ``K``), and ``trace_scaling``'s ``tr(L)^(exponent·(K−1))`` is
+  1 there.
 
   What is preconditioned is Distributed Shampoo's filtered gradient ``M̂``: with ``b1 > 0``,
   ``M ← b1 M + (1 − b1) G`` bias-corrected by the number of real updates (so the first real step
@@ -109,6 +120,7 @@ def shampoo_precondition(
     graft_eps: the grafted optimizer's epsilon.
     moment_dtype: storage dtype of ``M`` and ``ν`` (default float32, float64 for float64
       params).
+    mu_dtype: storage dtype of ``M`` alone, overriding ``moment_dtype`` for it.
     precision: of the rotations' matmuls: ``"highest"`` (the default), ``"high"``,
       ``"default"``, ``"bfloat16"`` or a ``jax.lax.Precision`` (see
       :func:`~soap_optax.kronecker_stats`).
@@ -147,6 +159,7 @@ def shampoo_precondition(
   _checks.check_unit_interval("graft_b2", graft_b2)
   _checks.check_nonnegative("graft_eps", graft_eps)
   _checks.check_float_dtype("moment_dtype", moment_dtype)
+  _checks.check_float_dtype("mu_dtype", mu_dtype)
   filtered = not (isinstance(b1, (int, float)) and b1 == 0)
   moments = []
   if filtered:
@@ -193,6 +206,7 @@ def shampoo_precondition(
     direction,
     state_type,
     moment_dtype=moment_dtype,
+    moment_dtypes={"mu": mu_dtype},
     needs="eigenvalues",
     precision=precision,
   )

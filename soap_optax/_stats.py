@@ -123,10 +123,7 @@ def kronecker_stats(
     mesh = _sharding.find_mesh(params)
 
     def build(name, p):
-      try:
-        shapes = factor_shapes(rule.layout(p.shape))
-      except ValueError as e:
-        raise ValueError(f"parameter {name!r}: {e}") from None
+      shapes = factor_shapes(rule.layout(p.shape, name))
       dt = storage_dtype(p.dtype, dtype)
       return {
         factor_key(name, axis): _sharding.constrain(
@@ -135,6 +132,7 @@ def kronecker_stats(
         for axis, shape in shapes.items()
       }
 
+    rule.check_names([name for name, _ in named_leaves(params)])
     with _sharding.using(mesh):
       zero = jnp.zeros([], jnp.int32)
       return KroneckerStatsState(zero, keyed(params, build), zero)
@@ -161,7 +159,7 @@ def kronecker_stats(
 
 def _accumulate(name, g, state, finite, beta, rule, mesh, matmul):
   """One parameter's statistics update and the record it starts: ``(record, new statistics)``."""
-  layout = rule.layout(g.shape)
+  layout = rule.layout(g.shape, name)
   shapes = factor_shapes(layout)
   keys = {axis: factor_key(name, axis) for axis in shapes}
   cdt = compute_dtype(g.dtype)

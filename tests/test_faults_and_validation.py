@@ -72,6 +72,8 @@ INVALID = [
   ("stats_dtype", "int32"),
   ("basis_dtype", "int8"),
   ("moment_dtype", "not_a_dtype"),
+  ("mu_dtype", "int32"),
+  ("factor_axes", "diagonal"),
 ]
 INVALID_PARAMS = [
   pytest.param(name, argument, value, id=f"{name}-{argument}={value}")

@@ -280,3 +280,87 @@ def test_a_parameter_with_fewer_axes_than_stacked_axes_is_named_in_the_error():
   params = {"layers": {"kernel": jnp.zeros((2, 3, 3))}, "head": {"bias": jnp.zeros(3)}}
   with pytest.raises(ValueError, match=r"head.*bias.*stacked_axes=2"):
     soap_optax.soap(stacked_axes=2).init(params)
+
+
+# -- factor rules (factor_axes) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "shape, choice, factored",
+  [
+    ((384, 1536), "smaller", (True, False)),
+    ((384, 1536), "larger", (False, True)),
+    ((1536, 384), "smaller", (False, True)),
+    ((64, 64), "smaller", (True, False)),  # ties go to the first axis
+    ((64, 64), "larger", (True, False)),
+    ((4, 8, 6), "smaller", (True, False, False)),
+    ((4, 8, 6), "larger", (False, True, False)),
+    ((4, 8, 6), "none", (False, False, False)),
+    ((4, 8, 6), (0, -1), (True, False, True)),
+    ((4, 8, 6), "all", (True, True, True)),
+  ],
+)
+def test_factor_axes_keeps_the_chosen_axes(shape, choice, factored):
+  assert LayoutRule(factor_axes=choice).layout(shape).factored == factored
+
+
+def test_one_sided_choices_pick_among_the_axes_max_precond_dim_allows():
+  # The 20000-long axis never gets a factor, so the "larger" of the factorable axes is axis 0.
+  assert LayoutRule(factor_axes="larger").layout((384, 20000)).factored == (True, False)
+  assert LayoutRule(factor_axes=(1,)).layout((384, 20000)).factored == (False, False)
+
+
+def test_an_unfactored_axis_is_left_as_max_precond_dim_leaves_a_long_one():
+  one_sided = LayoutRule(factor_axes="smaller").layout((384, 1536))
+  long_axis = LayoutRule(max_precond_dim=1024).layout((384, 1536))
+  assert one_sided == long_axis
+
+
+def test_factor_axes_count_working_axes_after_merging_and_stacking():
+  merged = LayoutRule(max_precond_dim=16, merge_dims=True, factor_axes="larger")
+  assert merged.layout((4, 4, 6)).working_shape == (16, 6)
+  assert merged.layout((4, 4, 6)).factored == (True, False)
+  stacked = LayoutRule(stacked_axes=1, factor_axes=(0,)).layout((12, 384, 1536))
+  assert stacked.factored == (True, False) and stacked.stack_shape == (12,)
+
+
+def test_one_sided_blocks_decide_by_the_working_axis_not_the_block():
+  # (256, 1024) in 128-blocks: every block is square, the parameter's rows are the shorter side.
+  layout = LayoutRule(block_size=128, factor_axes="larger").layout((256, 1024))
+  assert layout.block_shape == (128, 128) and layout.factored == (False, True)
+
+
+def test_a_mapping_rule_takes_the_first_key_found_in_the_path_and_all_for_the_rest():
+  rule = LayoutRule(factor_axes={"embed|head": "none", "attn": "smaller", "": "larger"})
+  assert rule.layout((256, 384), name="embed").factored == (False, False)
+  assert rule.layout((384, 1152), name="layer0/attn/qkv").factored == (True, False)
+  assert rule.layout((384, 1536), name="layer0/mlp/up").factored == (False, True)
+  assert LayoutRule(factor_axes={"x": "none"}).layout((4, 5), name="y").factored == (True, True)
+
+
+def test_a_function_rule_receives_the_path_and_the_full_shape():
+  calls = []
+
+  def rule(path, shape):
+    calls.append((path, shape))
+    return "smaller"
+
+  layout = LayoutRule(stacked_axes=1, factor_axes=rule).layout((3, 4, 5), name="layers/w")
+  assert calls == [("layers/w", (3, 4, 5))] and layout.factored == (True, False)
+
+
+def test_a_per_parameter_rule_needs_the_parameter_s_path():
+  with pytest.raises(ValueError, match="per parameter"):
+    LayoutRule(factor_axes={"x": "none"}).layout((4, 5))
+
+
+def test_rules_with_mappings_compare_by_value_and_hash():
+  a = LayoutRule(factor_axes={"embed": "none", "head": (0,)})
+  b = LayoutRule(factor_axes={"embed": "none", "head": [0]})
+  assert a == b and hash(a) == hash(b)
+  assert a != LayoutRule(factor_axes={"embed": "none"})
+
+
+def test_an_axis_that_does_not_exist_is_an_error_naming_the_parameter():
+  with pytest.raises(ValueError, match=r"parameter 'w'.*\[2\]"):
+    LayoutRule(factor_axes=(2,)).layout((3, 4), name="w")
