@@ -64,6 +64,14 @@ LEVERS = {
     "soap",
     dict(factor_axes=ATTENTION_AND_EMBEDDINGS_BOTH, mu_dtype=BF16),
   ),
+  "soap smaller, attention and embeddings both + stats+basis bf16 + mu bf16": (
+    "soap",
+    dict(factor_axes=ATTENTION_AND_EMBEDDINGS_BOTH, stats_dtype=BF16, mu_dtype=BF16),
+  ),
+  "soap smaller, embeddings both + mu bf16": (
+    "soap",
+    dict(factor_axes=EMBEDDINGS_BOTH, mu_dtype=BF16),
+  ),
   "soap mu bf16": ("soap", dict(mu_dtype=BF16)),
   "soap stats+basis bf16": ("soap", dict(stats_dtype=BF16)),
   "soap block 128": ("soap", dict(block_size=128)),
