@@ -14,6 +14,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
+import jax  # noqa: E402  (after the environment it reads)
+
+if not hasattr(jax, "enable_x64"):
+  # jax < 0.8 (the oldest versions pyproject.toml allows) has it only as an experimental API.
+  from jax.experimental import enable_x64
+
+  jax.enable_x64 = enable_x64
+
 # The mesh tests need 8 simulated devices, which must be set before JAX starts: tests/test_mesh.py
 # runs them in a process of their own.
 collect_ignore = [] if os.environ.get("SOAP_OPTAX_MESH_TESTS") else ["mesh"]
