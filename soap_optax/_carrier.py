@@ -81,13 +81,13 @@ class KroneckerUpdate:
   grad: Array
   count: Array
   finite: Array
+  layout: FactorLayout
   stats: PerAxis | None = None
   basis: PerAxis | None = None
   next_basis: PerAxis | None = None
   order: PerAxis | None = None
   eigenvalues: PerAxis | None = None
   refreshed: PerAxis | None = None
-  layout: FactorLayout | None = None
   dtype: Any = None
   name: str = ""
   spec: Any = None

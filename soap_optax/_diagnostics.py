@@ -120,6 +120,7 @@ def diagnostics(state: optax.OptState) -> Diagnostics:
           bases.refreshes[key],
           bases.qr_iterations[key],
         )
-        specs = FactorDiagnostics(*([PartitionSpec()] * 6)) if mesh is not None else None
+        # A FactorDiagnostics of specs: every result replicated.
+        specs = FactorDiagnostics._make([PartitionSpec()] * 6) if mesh is not None else None
         factors[key] = _sharding.relayout(_factor, specs, mesh)(*arrays)
   return Diagnostics(factors, jnp.asarray(skipped, jnp.int32))

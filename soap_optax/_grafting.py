@@ -47,6 +47,7 @@ def grafted_step(
     return None
   if grafting == "sgd":
     return vector
+  assert nu is not None, "rmsprop and adam grafting keep a second moment"
   if grafting == "adam":
     nu = nu / debias(b2, count, nu.dtype)
   return divide(vector, jnp.sqrt(nu) + eps)

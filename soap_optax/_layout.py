@@ -87,11 +87,11 @@ class FactorLayout:
   shape: tuple[int, ...]
   working_shape: tuple[int, ...]
   factored: tuple[bool, ...]
-  block_shape: tuple[int, ...] | None = None
+  block_shape: tuple[int, ...] = ()
   stack_shape: tuple[int, ...] = ()
 
   def __post_init__(self):
-    if self.block_shape is None:
+    if not self.block_shape:  # () means unblocked (a 0-D parameter's block is () too)
       object.__setattr__(self, "block_shape", self.working_shape)
 
   @property
@@ -202,7 +202,7 @@ def _check_choice(choice, where: str) -> FactorChoice:
   """``choice`` as a name or a tuple of ints, or a ValueError saying what is accepted."""
   if isinstance(choice, str):
     if choice in _NAMED_CHOICES:
-      return choice
+      return choice  # type: ignore[return-value]  # one of the literal names
   elif isinstance(choice, Sequence) and all(
     isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in choice
   ):
@@ -389,12 +389,14 @@ class LayoutRule:
     stack, shape = full[: self.stacked_axes], full[self.stacked_axes :]
     if len(shape) == 0:
       return FactorLayout(full, shape, (), stack_shape=stack)
+    working: tuple[int, ...]
     if len(shape) == 1:
       # The reference never merges or factors vectors unless asked to.
       working, may_factor = shape, self.precondition_1d
     else:
       working = merge_dims(shape, self.max_precond_dim) if self.merge_dims else shape
       may_factor = True
+    block: tuple[int, ...]
     if self.block_size is None:
       block = working
     else:
@@ -406,7 +408,7 @@ class LayoutRule:
   def _choice(self, name: str | None, shape: tuple[int, ...]) -> FactorChoice:
     rule = self.factor_axes
     if not callable(rule):
-      return rule
+      return rule  # type: ignore[return-value]  # a mapping became a _PathRules, callable
     if name is None:
       raise ValueError(
         "this LayoutRule decides its factor axes per parameter: pass the parameter's path "

@@ -137,7 +137,7 @@ def eigenbasis_optimizer(
   block: str,
   moments: Sequence[Moment],
   direction: DirectionRule,
-  state_type: type,
+  state_type: Callable[..., NamedTuple],
   *,
   moment_dtype: DTypeLike | None = None,
   moment_dtypes: Mapping[str, DTypeLike | None] | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import optax
 from jax.typing import DTypeLike
@@ -30,7 +31,7 @@ class ShampooPreconditionState(NamedTuple):
 
 def _inverse_roots(carrier, exponent, eps, relative_eps):
   """Per factored axis, ``(max(λ, 0) + ε)^(−exponent)`` per block, zero on the padding."""
-  scales = []
+  scales: list[jax.Array | None] = []
   for axis, w in enumerate(carrier.eigenvalues):
     if w is None:
       scales.append(None)

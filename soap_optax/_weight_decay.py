@@ -15,7 +15,7 @@ from soap_optax import _checks
 class WeightDecayAfterStepState(NamedTuple):
   """State of :func:`add_decayed_weights_after_step`: the number of updates seen."""
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # optax's name for it; shadows tuple.count
 
 
 def add_decayed_weights_after_step(
