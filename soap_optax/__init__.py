@@ -11,6 +11,7 @@ Every optimizer is an ``optax.chain`` of the public blocks::
 
 from soap_optax._alias import eigen_adafactor, eshampoo, shampoo, skip_nonfinite_steps, soap
 from soap_optax._carrier import KroneckerUpdate
+from soap_optax._checkpoint import abstract_state
 from soap_optax._diagnostics import Diagnostics, FactorDiagnostics, diagnostics
 from soap_optax._eigenbasis import EigenbasisState, eigenbasis_refresh
 from soap_optax._layout import FactorLayout, LayoutRule, merge_dims
@@ -47,6 +48,7 @@ __all__ = (
   "RotatedAdamState",
   "ShampooPreconditionState",
   "WeightDecayAfterStepState",
+  "abstract_state",
   "add_decayed_weights_after_step",
   "diagnostics",
   "eigen_adafactor",

@@ -15,3 +15,4 @@ sys.path.insert(0, os.path.dirname(__file__))
 # The mesh tests need 8 simulated devices, which must be set before JAX starts: tests/test_mesh.py
 # runs them in a process of their own.
 collect_ignore = [] if os.environ.get("SOAP_OPTAX_MESH_TESTS") else ["mesh"]
+collect_ignore.append("multiprocess")  # the workers that tests/test_multiprocess.py starts
