@@ -2,7 +2,7 @@
 
 Two processes of 4 CPU devices each (``jax.distributed.initialize`` on loopback, gloo for the
 collectives) form one ``(fsdp=4, tp=2)`` mesh; every alias, with ``block_size`` on and off, runs
-four updates across a refresh there, in one process with 8 devices on the same mesh, and on one
+three updates across a refresh there, in one process with 8 devices on the same mesh, and on one
 device. The 2-process run's orbax checkpoints restore into the same processes, onto another mesh
 shape and onto one device; and a process killed mid-run, or mid-checkpoint, loses nothing.
 
