@@ -46,13 +46,16 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
 def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
-  """``{"refresh" | "every step": (count, bytes)}`` of the collectives in a compiled program.
+  """``{"refresh" | "transfer" | "every step": (count, bytes)}`` of a compiled program's
+  collectives.
 
-  Bytes are those of each collective's result (its last array for an asynchronous ``-start``).
-  A collective inside the refresh's branch (op name containing ``eigenbasis_refresh``) counts
-  there; every other one in "every step".
+  Bytes are those of each collective's result (its last array for an asynchronous ``-start``),
+  per device. A collective inside the refresh's branch (op name containing
+  ``eigenbasis_refresh``) counts there, one in the moment transfer that follows a refresh
+  (``moment_transfer``) there too: both run at refresh steps only. Every other one runs at
+  every step.
   """
-  out = {"refresh": [0, 0], "every step": [0, 0]}
+  out = {"refresh": [0, 0], "transfer": [0, 0], "every step": [0, 0]}
   for line in hlo_text.splitlines():
     if "=" not in line:
       continue
@@ -72,7 +75,11 @@ def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
         count *= int(d)
       size += _BYTES[dtype] * count
     name = (_OP_NAME.search(line) or [None, ""])[1]
-    where = "refresh" if "eigenbasis_refresh" in name else "every step"
+    where = "every step"
+    if "eigenbasis_refresh" in name:
+      where = "refresh"
+    elif "moment_transfer" in name:
+      where = "transfer"
     out[where][0] += 1
     out[where][1] += size
   return {k: tuple(v) for k, v in out.items()}
@@ -112,7 +119,7 @@ def build(name, block_size):
 
 def measure_state_and_collectives(args) -> list[dict]:
   import jax
-  import jax.numpy as jnp
+  import numpy as np
   from jax.sharding import AxisType, NamedSharding
 
   sys.path.insert(0, HERE)
@@ -129,7 +136,7 @@ def measure_state_and_collectives(args) -> list[dict]:
       name: jax.make_array_from_callback(
         shape,
         NamedSharding(mesh, gpt_sharding(name, shape)),
-        lambda index, shape=shape: jnp.zeros(shape, jnp.float32)[index],
+        lambda index, shape=shape: np.zeros(shape, np.float32)[index],
       )
       for name, shape in shapes.items()
     }
@@ -147,7 +154,7 @@ def measure_state_and_collectives(args) -> list[dict]:
           "state_MiB": total / 2**20,
           "process_vs_half": here / (total / jax.process_count()),
           "every_step": found["every step"],
-          "refresh": found["refresh"],
+          "refresh": tuple(r + t for r, t in zip(found["refresh"], found["transfer"], strict=True)),
         }
       )
   return rows
@@ -252,9 +259,10 @@ def launch(args) -> dict:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  roles = [("pair", 4, 0), ("pair", 4, 1)]
+  # One process with the 8 devices alongside: the same measurements, to compare with.
+  roles = [("pair", 4, 0), ("pair", 4, 1), ("mesh8", 8, 0)]
   if args.divergence:
-    roles += [("mesh8", 8, 0), ("single", 1, 0)]
+    roles += [("single", 1, 0)]
   processes = {}
   for role, devices, pid in roles:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
@@ -328,20 +336,24 @@ def report_divergence(results) -> None:
 
 
 def report_state(results) -> None:
-  rows0, rows1 = results["pair0"], results["pair1"]
+  rows0, rows1, single = results["pair0"], results["pair1"], results["mesh80"]
   print(
     "| optimizer | block_size | state (MiB) | process 0 / half | process 1 / half "
-    "| every step: collectives (KiB) | refresh branch: collectives (KiB) |"
+    "| every step: collectives (KiB) | refresh steps, in addition: collectives (KiB) |"
   )
   print("| --- | --- | --- | --- | --- | --- | --- |")
-  for a, b in zip(rows0, rows1, strict=True):
+  same = True
+  for a, b, c in zip(rows0, rows1, single, strict=True):
     assert (a["every_step"], a["refresh"]) == (b["every_step"], b["refresh"])
+    same = same and (a["every_step"], a["refresh"]) == (c["every_step"], c["refresh"])
     print(
       f"| {a['optimizer']} | {a['block_size'] or '—'} | {a['state_MiB']:.2f} "
       f"| {a['process_vs_half']:.3f} | {b['process_vs_half']:.3f} "
       f"| {a['every_step'][0]} ({a['every_step'][1] / 1024:.0f}) "
       f"| {a['refresh'][0]} ({a['refresh'][1] / 1024:.0f}) |"
     )
+  verdict = "the same" if same else "NOT the same"
+  print(f"\nCollectives of the 2-process program and the 1-process one (8 devices): {verdict}.")
 
 
 def main():

@@ -244,9 +244,12 @@ def test_the_state_has_the_same_structure_shapes_and_dtypes_on_every_topology(to
     assert topologies["single"]["cases"][case]["structure"] == expected
 
 
-def test_abstract_state_has_the_shapes_and_shardings_of_eager_init(topologies):
-  checks = topologies["mesh8"]["abstract_state"]
-  assert {label.split("-")[0] for label, _, _ in checks} == {"AxisType.Explicit", "AxisType.Auto"}
+def test_abstract_state_has_the_shapes_and_shardings_of_the_state(topologies):
+  """Of an eager init on both of JAX's sharding modes, and of the 2 processes' trained state."""
+  checks = topologies["mesh8"]["abstract_state"] + topologies["pair0"]["abstract_state"]
+  checks += topologies["pair1"]["abstract_state"]
+  kinds = {label.split("-")[0] for label, _, _ in checks}
+  assert kinds == {"AxisType.Explicit", "AxisType.Auto", "2"}, kinds
   wrong = [label for label, same_type, same_sharding in checks if not (same_type and same_sharding)]
   assert not wrong, wrong
 
@@ -331,6 +334,7 @@ def test_the_survivor_of_a_killed_process_exits_on_its_own_naming_the_lost_proce
   assert survivor.poll() not in (0, None), report(train)
   assert re.search(message, survivor.output()), report(train)
   waited = survivor.ended_at - dead.ended_at
+  print(f"{name}: the survivor exited {waited:.1f} s after process {victim} died")
   assert waited < SURVIVOR_BOUND_S, waited
 
 

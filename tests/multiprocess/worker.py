@@ -146,6 +146,19 @@ def restore(directory: str, tx, place, start, step: int | None = None):
   return step, restored["params"], restored["opt_state"]
 
 
+def compare_layouts(label: str, predicted, state) -> list:
+  """``(label, same shape and dtype, same sharding)`` for each leaf of ``state``."""
+  pairs = zip(jax.tree.leaves(predicted), jax.tree.leaves(state), strict=True)
+  return [
+    (
+      label,
+      (a.shape, str(a.dtype)) == (b.shape, str(b.dtype)),
+      a.sharding.is_equivalent_to(b.sharding, b.ndim),
+    )
+    for a, b in pairs
+  ]
+
+
 def state_bytes(state) -> dict:
   total = sum(int(x.nbytes) for x in jax.tree.leaves(state))
   here = sum(int(s.data.nbytes) for x in jax.tree.leaves(state) for s in x.addressable_shards)
@@ -172,7 +185,7 @@ def role_pair(args) -> dict:
   data = values(UPDATES + 1)
   mesh = mesh_of((4, 2))
   place = on_mesh(mesh)
-  out = {"process_count": jax.process_count(), "cases": {}}
+  out = {"process_count": jax.process_count(), "cases": {}, "abstract_state": []}
   with jax.set_mesh(mesh):
     for name, block in CASES:
       directory = os.path.join(args.checkpoints, case_id(name, block))
@@ -182,6 +195,9 @@ def role_pair(args) -> dict:
       tx, _ = stepper(name, block)
       _, p, s = restore(directory, tx, place, data[0])
       resumed, _ = train(name, block, place, data[SAVE_AFTER + 1 :], params=p, state=s)
+      out["abstract_state"] += compare_layouts(
+        f"2-processes-{case_id(name, block)}", soap_optax.abstract_state(tx, params), state
+      )
       out["cases"][case_id(name, block)] = {
         "params": shards(params),
         "resumed": shards(resumed),
@@ -210,15 +226,9 @@ def role_mesh8(args) -> dict:
         tx, _ = stepper(name, block)
         params = on_mesh(m)(data[0])
         predicted, init = soap_optax.abstract_state(tx, params), tx.init(params)
-        pairs = zip(jax.tree.leaves(predicted), jax.tree.leaves(init), strict=True)
-        for a, b in pairs:
-          out["abstract_state"].append(
-            (
-              f"{axis_type}-{case_id(name, block)}",
-              (a.shape, str(a.dtype)) == (b.shape, str(b.dtype)),
-              a.sharding.is_equivalent_to(b.sharding, b.ndim),
-            )
-          )
+        out["abstract_state"] += compare_layouts(
+          f"{axis_type}-{case_id(name, block)}", predicted, init
+        )
   # Restore (b): the pair's checkpoints onto another mesh shape.
   wait_for(args.pair_done, args.wait_s)
   other = mesh_of((2, 4))
