@@ -87,7 +87,8 @@ def report(processes, limit=6000) -> str:
 def wait_all(processes, timeout_s=GROUP_TIMEOUT_S) -> None:
   """Waits for every process; past ``timeout_s`` kills them (each by its own id) and fails."""
   deadline = time.monotonic() + timeout_s
-  while any(p.poll() is None for p in processes):
+  # Every process is polled at every turn, so that each one's end is timed (`Process.ended_at`).
+  while any([p.poll() is None for p in processes]):
     if time.monotonic() > deadline:
       for p in processes:
         if p.poll() is None:
