@@ -29,6 +29,21 @@ asks jax for as many simulated devices as the mesh needs when it can (before
 jax has started); otherwise set
 `XLA_FLAGS=--xla_force_host_platform_device_count=8` before starting Python.
 
+Several processes (`--coordinator=HOST:PORT --num_processes=N --process_id=I`,
+or `--distributed` to let `jax.distributed.initialize` read them from the
+cluster: SLURM, TPU pods, ...): every process runs this same command with its
+own id, the mesh spans the devices of all of them, each process places only its
+own rows of every batch on its devices, process 0 alone prints and writes
+`--out`, and the checkpoints are written by all and restored onto whatever
+devices the restarted run has (`soap_optax.abstract_state`). Two processes of 4
+simulated CPU devices on one machine:
+
+  for i in 0 1; do
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python examples/train_lm.py \
+      --coordinator=localhost:12355 --num_processes=2 --process_id=$i \
+      --mesh=fsdp:4,tp:2 --checkpoint_dir=runs/mp/checkpoints --out=runs/mp &
+  done; wait
+
 Diagnostics (`--diagnostics_every=N`, soap_optax optimizers only): every N
 steps `soap_optax.diagnostics` reads the optimizer state; each factor's
 staleness, refresh count, QR iterations and eigenvalue spread (the worst block
@@ -418,6 +433,8 @@ def request_cpu_devices(count: int) -> None:
   """
   if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
     return
+  if jax.config.jax_num_cpu_devices > 0:  # already asked for (each process asks for its share)
+    return
   with contextlib.suppress(RuntimeError):  # jax has started: keep what it has.
     jax.config.update("jax_num_cpu_devices", count)
 
@@ -454,6 +471,17 @@ def batch_sharding(mesh: jax.sharding.Mesh, batch_size: int) -> NamedSharding:
   if batch_size % count:
     raise ValueError(f"--batch_size={batch_size} does not divide over {count} devices ({axes}).")
   return NamedSharding(mesh, PartitionSpec(axes or None, None))
+
+
+def place_batch(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """The global batch as an array sharded by `sharding`, built by every process from its rows.
+
+  Each process hands over only the rows its own devices hold (in one process, all of them).
+  Every process draws the same global stream of batches from the same seed (a random window
+  costs nothing), so a resumed run continues from one saved position, whatever the process
+  count.
+  """
+  return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
 
 
 def memory_per_device(tree) -> dict[str, int]:
@@ -499,13 +527,20 @@ class Checkpoints:
     )
     self._manager.save(step, args=args, force=True)
 
-  def restore(self, step: int, params, opt_state):
-    """`(params, opt_state, loop)` of checkpoint `step`; `params` and `opt_state` are templates."""
+  def restore(self, step: int, params, tx: optax.GradientTransformation):
+    """`(params, opt_state, loop)` of checkpoint `step`; `params` is the template.
+
+    The target's shardings are those of the current devices (the parameters' and, for the
+    optimizer state, `soap_optax.abstract_state`), whatever devices, processes or mesh wrote
+    the checkpoint: orbax refuses a target without them after a change of topology.
+    """
+    import soap_optax  # Imported lazily, as in make_optimizer.
+
     ocp = self._ocp
-    abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      {"params": params, "opt_state": opt_state},
+    params = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params
     )
+    abstract = {"params": params, "opt_state": soap_optax.abstract_state(tx, params)}
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore())
     restored = self._manager.restore(step, args=args)
     state = restored["state"]
@@ -695,7 +730,7 @@ def _train(config: TrainConfig, corpus: lm_data.Corpus | None, mesh) -> TrainRes
   start_step, data_position, wall_time = 0, None, 0.0
   latest = checkpoints.latest_step() if checkpoints else None
   if latest is not None:
-    params, opt_state, loop = checkpoints.restore(latest, params, opt_state)
+    params, opt_state, loop = checkpoints.restore(latest, params, tx)
     start_step, data_position, wall_time = loop["step"], loop["data_position"], loop["wall_time"]
     _note_config_changes(loop["config"], config)
     print(f"resuming from the checkpoint of step {start_step} in {config.checkpoint_dir}")
@@ -704,7 +739,7 @@ def _train(config: TrainConfig, corpus: lm_data.Corpus | None, mesh) -> TrainRes
     put_batch = lambda batch: batch  # noqa: E731
   else:
     sharding = batch_sharding(mesh, config.batch_size)
-    put_batch = functools.partial(jax.device_put, device=sharding)
+    put_batch = functools.partial(place_batch, sharding=sharding)
   train_batches = lm_data.BatchStream(
     corpus.train, config.batch_size, config.seq_len, seed=config.seed, position=data_position
   )
@@ -968,6 +1003,28 @@ flags.DEFINE_integer(
   "plot staleness in diagnostics.png; 0 for never.",
 )
 
+flags.DEFINE_string(
+  "coordinator",
+  None,
+  "Several processes: the address (host:port) of process 0's coordination service, the same "
+  "in every process (with --num_processes and --process_id).",
+)
+flags.DEFINE_integer("num_processes", None, "Several processes: how many there are in all.")
+flags.DEFINE_integer("process_id", None, "Several processes: this process's id, 0 to N - 1.")
+flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Start JAX's distributed runtime with what the cluster says (SLURM, TPU pods, Kubernetes, or "
+  "JAX_COORDINATOR_ADDRESS, ...); implied by --coordinator.",
+)
+flags.DEFINE_integer(
+  "runtime_timeout",
+  None,
+  "Several processes: seconds after which the survivors of a process that died stop "
+  "(the distributed runtime's heartbeat and shutdown timeouts; JAX's defaults, 100 and 300 s, "
+  "if unset).",
+)
+
 FLAGS = flags.FLAGS
 
 
@@ -982,7 +1039,34 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # absl (which orbax logs through) would print every checkpoint's progress at INFO.
   logging.set_verbosity(logging.WARNING)
-  train(config_from_flags())
+  config = config_from_flags()
+  if not (FLAGS.distributed or FLAGS.coordinator):
+    train(config)
+    return
+  start_distributed(config)
+  if jax.process_index() == 0:
+    train(config)
+    return
+  # Every process trains; only process 0 prints and writes --out.
+  config = dataclasses.replace(config, out=None, progress=False)
+  with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+    train(config)
+
+
+def start_distributed(config: TrainConfig) -> None:
+  """Starts JAX's distributed runtime, before anything starts JAX's backends."""
+  # On CPU the processes' devices exchange data through gloo; other platforms ignore this.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if FLAGS.num_processes and config.mesh:
+    # The simulated CPU devices are per process: each brings its share of the mesh.
+    request_cpu_devices(math.prod(parse_mesh(config.mesh).values()) // FLAGS.num_processes)
+  timeouts = {}
+  if FLAGS.runtime_timeout is not None:
+    timeouts = dict(
+      heartbeat_timeout_seconds=FLAGS.runtime_timeout,
+      shutdown_timeout_seconds=FLAGS.runtime_timeout,
+    )
+  jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id, **timeouts)
 
 
 if __name__ == "__main__":

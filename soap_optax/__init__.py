@@ -27,6 +27,7 @@ from soap_optax._alias import (
   soap,
 )
 from soap_optax._carrier import KroneckerUpdate
+from soap_optax._checkpoint import abstract_state
 from soap_optax._diagnostics import Diagnostics, FactorDiagnostics, diagnostics
 from soap_optax._eigenbasis import EigenbasisState, Method, eigenbasis_refresh
 from soap_optax._grafting import Grafting
@@ -70,6 +71,7 @@ __all__ = (
   "Rotation",
   "ShampooPreconditionState",
   "WeightDecayAfterStepState",
+  "abstract_state",
   "add_decayed_weights_after_step",
   "diagnostics",
   "eigen_adafactor",

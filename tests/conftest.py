@@ -25,6 +25,7 @@ if not hasattr(jax, "enable_x64"):
 # The mesh tests need 8 simulated devices, which must be set before JAX starts: tests/test_mesh.py
 # runs them in a process of their own.
 collect_ignore = [] if os.environ.get("SOAP_OPTAX_MESH_TESTS") else ["mesh"]
+collect_ignore.append("multiprocess")  # the workers that tests/test_multiprocess.py starts
 
 
 # Tests whose work runs in a process of its own, started when collection ends (tests/background.py)
