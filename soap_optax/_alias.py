@@ -85,11 +85,13 @@ def skip_nonfinite_steps(tx: optax.GradientTransformation) -> optax.GradientTran
     return optax.ApplyIfFiniteState(zero, jnp.ones([], bool), zero, tx.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    finite = _linalg.all_finite(jax.tree.leaves(updates))
+    with jax.named_scope("skip_nonfinite_steps"):
+      finite = _linalg.all_finite(jax.tree.leaves(updates))
 
     def apply(updates, inner, params):
       return tx.update(updates, inner, params, **extra_args)
 
+    @jax.named_scope("skip_nonfinite_steps")
     def skip(updates, inner, params):
       del params
       return optax.tree.zeros_like(updates), inner

@@ -414,7 +414,8 @@ def eigenbasis_refresh(
       for (_, _, phase), members in _group(units, phases).items():
         group = [units[i] for i in members]
         results.update(_refresh_group(group, phase, state, config, mesh))
-    return _assemble(updates, named, units, results, state)
+    with jax.named_scope("refresh_state"):
+      return _assemble(updates, named, units, results, state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -429,6 +430,7 @@ def _refresh_group(group: Sequence[_Unit], phase: int, state, config, mesh) -> d
   estimates = [state.eigenvalues[u.key].astype(cdt) for u in group]
   iterations = [state.qr_iterations[u.key] for u in group]
 
+  @jax.named_scope("keep")
   def keep(stats, bases, estimates, iterations, is_first):
     del stats, is_first
     kept = [_kept(b, e) for b, e in zip(bases, estimates, strict=True)]

@@ -89,12 +89,13 @@ def divide(numerator: Array, denominator: Array) -> Array:
 
 def all_finite(arrays: Sequence[Array]) -> Array:
   """A scalar bool: every entry of every array is finite (True for no arrays)."""
-  flag = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(a)) for a in arrays], dtype=bool))
-  # XLA rewrites the reduction over per-array flags as a chain of ANDs, one per array, and then
-  # copies that cheap chain into every fusion that reads the flag: one per parameter, so the
-  # compiled program grew with the square of the number of parameters. A square root is an op
-  # XLA will not copy into several fusions, so the flag is computed once and read everywhere.
-  return jnp.sqrt(flag.astype(jnp.float32)) > 0
+  with jax.named_scope("all_finite"):
+    flag = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(a)) for a in arrays], dtype=bool))
+    # XLA rewrites the reduction over per-array flags as a chain of ANDs, one per array, and then
+    # copies that cheap chain into every fusion that reads the flag: one per parameter, so the
+    # compiled program grew with the square of the number of parameters. A square root is an op
+    # XLA will not copy into several fusions, so the flag is computed once and read everywhere.
+    return jnp.sqrt(flag.astype(jnp.float32)) > 0
 
 
 # -- one factor's eigenbasis ------------------------------------------------------------------
