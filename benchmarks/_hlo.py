@@ -293,3 +293,39 @@ def count_lowered(mlir_text: str, scopes=()) -> OpCounts:
     return full_name(caller, f"{call_name}/{name}", depth + 1)
 
   return _tally([(op, full_name(f, name)) for op, f, name in ops], scopes)
+
+
+def count_kernels(lowered, scopes=()) -> tuple[dict[str, int], dict[str, int]]:
+  """The kernels XLA's CPU backend generates for ``lowered`` (a ``jax.stages.Lowered``), by
+  block: ``({block: kernels}, {block: lines of optimised LLVM IR})``.
+
+  On CPU, compile time follows the code generated: every fusion not identical to another
+  becomes its own LLVM module, compiled separately. Compiles ``lowered`` once more with XLA's
+  dump switched on (into a temporary directory) and reads the kernels' names from it; each
+  kernel is attributed like :func:`count_compiled`, by the op name of its HLO instruction.
+  """
+  import os
+  import tempfile
+
+  kernels: dict[str, int] = {}
+  lines: dict[str, int] = {}
+  with tempfile.TemporaryDirectory() as directory:
+    lowered.compile({"xla_dump_to": directory, "xla_dump_hlo_as_text": True})
+    files = os.listdir(directory)
+    (program,) = [f for f in files if f.endswith(".cpu_after_optimizations.txt")]
+    prefix = program.removesuffix("cpu_after_optimizations.txt")
+    names = {}
+    for line in open(os.path.join(directory, program)).read().splitlines():
+      match = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=", line)
+      if match:
+        names[match.group(1)] = (_OP_NAME.search(line) or [None, ""])[1]
+    for f in files:
+      if not (f.startswith(prefix) and f.endswith(".ir-with-opt.ll")):
+        continue
+      kernel = f.removeprefix(prefix).removesuffix(".ir-with-opt.ll")
+      kernel = kernel.removeprefix("__compute_module_").removesuffix("_kernel_module")
+      block = _block_of(names.get(kernel, ""), scopes)
+      kernels[block] = kernels.get(block, 0) + 1
+      with open(os.path.join(directory, f)) as ir:
+        lines[block] = lines.get(block, 0) + sum(1 for _ in ir)
+  return kernels, lines

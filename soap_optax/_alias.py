@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -97,14 +98,51 @@ def skip_nonfinite_steps(tx: optax.GradientTransformation) -> optax.GradientTran
       return optax.tree.zeros_like(updates), inner
 
     new_updates, inner = jax.lax.cond(finite, apply, skip, updates, state.inner_state, params)
-    bad = (~finite).astype(jnp.int32)
-    new_state = optax.ApplyIfFiniteState(
-      notfinite_count=(state.notfinite_count + bad) * bad,
-      last_finite=finite,
-      total_notfinite=state.total_notfinite + bad,
-      inner_state=inner,
-    )
-    return new_updates, new_state
+    return new_updates, _skip_state(state, finite, inner)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _skip_state(state: optax.ApplyIfFiniteState, finite, inner) -> optax.ApplyIfFiniteState:
+  bad = (~finite).astype(jnp.int32)
+  return optax.ApplyIfFiniteState(
+    notfinite_count=(state.notfinite_count + bad) * bad,
+    last_finite=finite,
+    total_notfinite=state.total_notfinite + bad,
+    inner_state=inner,
+  )
+
+
+def _skip_nonfinite_steps_of_chain(
+  guarded: Sequence[optax.GradientTransformation], rest: Sequence[optax.GradientTransformation]
+) -> optax.GradientTransformationExtraArgs:
+  """``skip_nonfinite_steps(optax.chain(*guarded, *rest))`` (the same state and results) for
+  blocks of the family in ``guarded``, which skip a non-finite step themselves.
+
+  The blocks of the family keep their state on a non-finite step (but for ``kronecker_stats``'
+  count of skipped steps, which the first of ``guarded`` must be) and return a zero update, so
+  only ``rest``'s state and the final updates need to be kept or zeroed here: a select each,
+  instead of a runtime branch around the whole update, which made XLA compile the step inside
+  a conditional and test the gradients twice (measured: BUILD_NOTES.md, "Compile time").
+  """
+  tx = optax.with_extra_args_support(optax.chain(*guarded, *rest))
+  split = len(guarded)
+
+  def init_fn(params):
+    zero = jnp.zeros([], jnp.int32)
+    return optax.ApplyIfFiniteState(zero, jnp.ones([], bool), zero, tx.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    with jax.named_scope("skip_nonfinite_steps"):
+      finite = _linalg.all_finite(jax.tree.leaves(updates))
+    new_updates, inner = tx.update(updates, state.inner_state, params, **extra_args)
+    old = state.inner_state
+    with jax.named_scope("skip_nonfinite_steps"):
+      keep = functools.partial(jnp.where, finite)
+      new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+      stats = inner[0]._replace(skipped=old[0].skipped)
+      inner = (stats, *inner[1:split], *jax.tree.map(keep, inner[split:], old[split:]))
+    return new_updates, _skip_state(state, finite, inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -139,7 +177,7 @@ def _kronecker_chain(
   ``kronecker_stats → eigenbasis_refresh → direction → learning rate → after-step decay``,
   wrapped so that a step with a non-finite gradient is skipped.
   """
-  tx = optax.chain(
+  guarded = (
     kronecker_stats(beta, layout=layout, dtype=stats_dtype),
     eigenbasis_refresh(
       precondition_frequency,
@@ -149,11 +187,13 @@ def _kronecker_chain(
       **refresh_options,
     ),
     direction,
+  )
+  rest = (
     optax.scale_by_learning_rate(learning_rate),
     add_decayed_weights_after_step(learning_rate, weight_decay, weight_decay_mask),
     _in_parameter_dtypes(),
   )
-  return skip_nonfinite_steps(tx)
+  return _skip_nonfinite_steps_of_chain(guarded, rest)
 
 
 def _in_parameter_dtypes() -> optax.GradientTransformation:
