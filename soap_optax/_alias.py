@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import DTypeLike
 
-from soap_optax import _checks, _linalg
+from soap_optax import _checks, _linalg, _sharding
 from soap_optax._eigenbasis import Method, eigenbasis_refresh
 from soap_optax._grafting import Grafting
 from soap_optax._layout import LayoutRule
@@ -124,15 +124,21 @@ def _skip_nonfinite_steps_of_chain(
   only ``rest``'s state and the final updates need to be kept or zeroed here: a select each,
   instead of a runtime branch around the whole update, which made XLA compile the step inside
   a conditional and test the gradients twice (measured: BUILD_NOTES.md, "Compile time").
+
+  On a device mesh the runtime branch stays: on simulated CPU devices, without it the step's
+  collectives deadlocked in XLA's thread pool (the stacked-layers mesh test).
   """
   tx = optax.with_extra_args_support(optax.chain(*guarded, *rest))
   split = len(guarded)
+  on_mesh = skip_nonfinite_steps(tx)
 
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
     return optax.ApplyIfFiniteState(zero, jnp.ones([], bool), zero, tx.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
+    if _sharding.find_mesh(updates) is not None:
+      return on_mesh.update(updates, state, params, **extra_args)
     with jax.named_scope("skip_nonfinite_steps"):
       finite = _linalg.all_finite(jax.tree.leaves(updates))
     new_updates, inner = tx.update(updates, state.inner_state, params, **extra_args)
