@@ -149,3 +149,183 @@ def _result_shape(rhs: str) -> tuple[int, ...] | None:
   if not match or not match.group(1):
     return None
   return tuple(int(d) for d in match.group(1).split(","))
+
+
+# -- operation counts by block ------------------------------------------------------------------
+
+# What the arithmetic of a program is made of: matrix products, decompositions and other library
+# calls, reductions, and the control flow around them.
+ARITHMETIC = {
+  "dot": ("dot", "dot_general", "convolution"),
+  "custom_call": ("custom-call", "custom_call"),
+  "reduce": ("reduce", "reduce-window", "reduce_window"),
+  "control": ("while", "conditional", "case", "if", "call"),
+}
+
+_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%[\w.\-]+\s*=\s*(.*)$")
+_HLO_OPCODE = re.compile(r"\s([a-z][a-z0-9\-]*)\(")
+_MLIR_OP = re.compile(r'^\s*(?:%[\w#:, ]+\s*=\s*)?"?(stablehlo|chlo|func)\.([a-z_]+)"?')
+_MLIR_LOC_USE = re.compile(r"loc\((#loc\d+)\)\s*$")
+_MLIR_LOC_DEF = re.compile(r"^(#loc\d+)\s*=\s*loc\((.*)\)\s*$")
+
+
+@dataclasses.dataclass
+class OpCounts:
+  """Operations of a program, by block (the first of ``scopes`` found in the op's name)."""
+
+  total: int
+  by_block: dict[str, int]
+  arithmetic: dict[str, int]  # ARITHMETIC kind -> count, whole program
+  arithmetic_by_block: dict[str, dict[str, int]]
+
+  def arithmetic_total(self) -> int:
+    return sum(self.arithmetic[k] for k in ("dot", "custom_call", "reduce"))
+
+
+def _kind_of(opcode: str) -> str | None:
+  for kind, names in ARITHMETIC.items():
+    if opcode in names:
+      return kind
+  return None
+
+
+def _block_of(name: str, scopes) -> str:
+  parts = name.split("/")
+  for label, scope in scopes:
+    if all(s in parts for s in scope.split("/")):
+      return label
+  return "other"
+
+
+def _tally(ops, scopes) -> OpCounts:
+  by_block: dict[str, int] = {}
+  arithmetic = dict.fromkeys(ARITHMETIC, 0)
+  per_block: dict[str, dict[str, int]] = {}
+  for opcode, name in ops:
+    block = _block_of(name, scopes)
+    by_block[block] = by_block.get(block, 0) + 1
+    kind = _kind_of(opcode)
+    if kind:
+      arithmetic[kind] += 1
+      counts = per_block.setdefault(block, dict.fromkeys(ARITHMETIC, 0))
+      counts[kind] += 1
+  return OpCounts(len(ops), by_block, arithmetic, per_block)
+
+
+def count_compiled(hlo_text: str, scopes=()) -> OpCounts:
+  """Instructions of a compiled XLA module (fused computations included, parameters, constants
+  and tuple plumbing left out), each attributed to the first ``(label, scope)`` of ``scopes``
+  whose "/"-separated names all occur in the instruction's op name. An instruction XLA created
+  (no op name of its own) inside a fused or called computation takes its caller's."""
+  skip = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
+  inherited: dict[str, str] = {}
+  lines = []
+  computation = None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      computation = header.group(1)
+      continue
+    match = _HLO_INSTRUCTION.match(line)
+    if not match:
+      continue
+    name = (_OP_NAME.search(line) or [None, ""])[1]
+    lines.append((computation, match.group(1), name))
+    if name:
+      for callee in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", line):
+        inherited.setdefault(callee, name)
+  ops = []
+  for computation, rhs, name in lines:
+    opcode = _HLO_OPCODE.search(" " + rhs)
+    if opcode is None or opcode.group(1) in skip:
+      continue
+    ops.append((opcode.group(1), name or inherited.get(computation, "")))
+  return _tally(ops, scopes)
+
+
+def count_lowered(mlir_text: str, scopes=()) -> OpCounts:
+  """StableHLO operations of ``lowered.as_text(debug_info=True)``, attributed like
+  :func:`count_compiled` (constants and returns left out)."""
+  locs: dict[str, str] = {}
+  for line in mlir_text.splitlines():
+    definition = _MLIR_LOC_DEF.match(line)
+    if definition:
+      locs[definition.group(1)] = definition.group(2)
+
+  def resolve(ref: str, depth: int = 0) -> str:
+    body = locs.get(ref, "")
+    named = re.match(r'"([^"]*)"', body)
+    if named:
+      return named.group(1)
+    inner = re.match(r"callsite\((#loc\d+)", body)
+    if inner and depth < 50:
+      return resolve(inner.group(1), depth + 1)
+    return ""
+
+  # A private function (jnp.where, argsort, ...) names its ops after itself only: they take the
+  # name of its first call site.
+  ops, open_regions, function, callers = [], [], "main", {}
+  for line in mlir_text.splitlines():
+    use = _MLIR_LOC_USE.search(line)
+    header = re.match(r"\s*func\.func (?:public|private) @([\w.\-]+)", line)
+    if header:
+      function = header.group(1)
+      continue
+    call = re.search(r"call @([\w.\-]+)\(", line)
+    if call and use:
+      callers.setdefault(call.group(1), (function, resolve(use.group(1))))
+    if line.lstrip().startswith("}") and use and open_regions:
+      # An op with regions (case, while) states its location on its closing line.
+      i = open_regions.pop()
+      ops[i] = (ops[i][0], function, resolve(use.group(1)))
+      continue
+    match = _MLIR_OP.match(line)
+    if not match or match.group(1) == "func" or match.group(2) in ("constant", "return"):
+      continue
+    if use is None:
+      open_regions.append(len(ops))
+    ops.append((match.group(2), function, resolve(use.group(1)) if use else ""))
+
+  def full_name(function: str, name: str, depth: int = 0) -> str:
+    if function not in callers or depth > 50:
+      return name
+    caller, call_name = callers[function]
+    return full_name(caller, f"{call_name}/{name}", depth + 1)
+
+  return _tally([(op, full_name(f, name)) for op, f, name in ops], scopes)
+
+
+def count_kernels(lowered, scopes=()) -> tuple[dict[str, int], dict[str, int]]:
+  """The kernels XLA's CPU backend generates for ``lowered`` (a ``jax.stages.Lowered``), by
+  block: ``({block: kernels}, {block: lines of optimised LLVM IR})``.
+
+  On CPU, compile time follows the code generated: every fusion not identical to another
+  becomes its own LLVM module, compiled separately. Compiles ``lowered`` once more with XLA's
+  dump switched on (into a temporary directory) and reads the kernels' names from it; each
+  kernel is attributed like :func:`count_compiled`, by the op name of its HLO instruction.
+  """
+  import os
+  import tempfile
+
+  kernels: dict[str, int] = {}
+  lines: dict[str, int] = {}
+  with tempfile.TemporaryDirectory() as directory:
+    lowered.compile({"xla_dump_to": directory, "xla_dump_hlo_as_text": True})
+    files = os.listdir(directory)
+    (program,) = [f for f in files if f.endswith(".cpu_after_optimizations.txt")]
+    prefix = program.removesuffix("cpu_after_optimizations.txt")
+    names = {}
+    for line in open(os.path.join(directory, program)).read().splitlines():
+      match = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=", line)
+      if match:
+        names[match.group(1)] = (_OP_NAME.search(line) or [None, ""])[1]
+    for f in files:
+      if not (f.startswith(prefix) and f.endswith(".ir-with-opt.ll")):
+        continue
+      kernel = f.removeprefix(prefix).removesuffix(".ir-with-opt.ll")
+      kernel = kernel.removeprefix("__compute_module_").removesuffix("_kernel_module")
+      block = _block_of(names.get(kernel, ""), scopes)
+      kernels[block] = kernels.get(block, 0) + 1
+      with open(os.path.join(directory, f)) as ir:
+        lines[block] = lines.get(block, 0) + sum(1 for _ in ir)
+  return kernels, lines

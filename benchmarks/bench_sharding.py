@@ -30,13 +30,14 @@ Usage:
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if "--compile_scaling" not in sys.argv:  # compile time is measured on one device, default flags
+  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -195,12 +196,91 @@ def scanned_soap():
   )
 
 
-def compile_scaling(depths, d_model):
-  """Compile time of the jitted update (one device) against the number of layers.
+# Blocks of the update, each the first whose named scopes all occur in an operation's name (the
+# scopes are in the library's code; see ``_hlo.count_compiled``). Rotations inside the moment
+# transfer count as the transfer.
+BLOCKS = (
+  ("skip_nonfinite_steps", "skip_nonfinite_steps"),
+  ("stats: all_finite", "all_finite"),
+  ("stats: finite guards", "kronecker_stats/finite_guard"),
+  ("stats", "kronecker_stats"),
+  ("refresh: eigh retry", "eigh_retry"),
+  ("refresh: first basis", "eigenbasis_refresh/first"),
+  ("refresh: scheduled", "eigenbasis_refresh/scheduled"),
+  ("refresh: keep", "eigenbasis_refresh/keep"),
+  ("refresh: guard", "eigenbasis_refresh/guard"),
+  ("refresh: stack + branches", "eigenbasis_refresh"),
+  ("refresh: state", "refresh_state"),
+  ("moment transfer", "moment_transfer"),
+  ("rotations", "rotate"),
+  ("live guards", "live_guard"),
+  *(
+    (f"direction ({name})", name)
+    for name in (
+      "rotated_adam",
+      "rotated_adafactor",
+      "eigenvalue_corrected",
+      "shampoo_precondition",
+    )
+  ),
+)
 
-  Each depth is measured as a model with one parameter per layer and kernel (AdamW and SOAP on
-  the same tree) and as a scanned model (its layers stacked on a leading axis: AdamW, and SOAP
-  with ``stacked_axes=1`` on the stack).
+
+def _wrappers():
+  """The alias's transforms after the direction block: learning rate, decay, dtype cast."""
+  from soap_optax._weight_decay import add_decayed_weights_after_step
+
+  def cast(updates, state, params):
+    return jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params), state
+
+  return optax.chain(
+    optax.scale_by_learning_rate(3e-3),
+    add_decayed_weights_after_step(3e-3, 0.01, None),
+    optax.GradientTransformation(lambda params: optax.EmptyState(), cast),
+  )
+
+
+def program_size(tx, tree, with_blocks: bool = True) -> dict:
+  """Op counts of the lowered and compiled update, by block; the kernels XLA generates, by block;
+  and the compile's wall-clock and CPU (process) seconds. On a loaded machine the CPU seconds
+  are the steadier figure: waiting for a core does not count."""
+  state = tx.init(tree)
+  start = time.perf_counter()
+  lowered = jax.jit(tx.update).lower(tree, state, tree)
+  middle, cpu = time.perf_counter(), time.process_time()
+  compiled = lowered.compile()
+  end, cpu = time.perf_counter(), time.process_time() - cpu
+  scopes = BLOCKS if with_blocks else ()
+  low = _hlo.count_lowered(lowered.as_text(debug_info=True), scopes)
+  comp = _hlo.count_compiled(compiled.as_text(), scopes)
+  kernels, ir_lines = _hlo.count_kernels(lowered, scopes)
+  return {
+    "lower_s": middle - start,
+    "compile_s": end - middle,
+    "compile_cpu_s": cpu,
+    "kernels": sum(kernels.values()),
+    "llvm_ir_lines": sum(ir_lines.values()),
+    "kernels_by_block": kernels,
+    "lowered_ops": low.total,
+    "compiled_ops": comp.total,
+    "lowered_arith": low.arithmetic,
+    "compiled_arith": comp.arithmetic,
+    "lowered_by_block": low.by_block,
+    "compiled_by_block": comp.by_block,
+    "compiled_arith_by_block": comp.arithmetic_by_block,
+  }
+
+
+def compile_scaling(depths, d_model, optimizers=("soap",)):
+  """Compile time of the jitted update (one device) against the number of layers, and where the
+  program's size comes from.
+
+  Each depth is measured as a model with one parameter per layer and kernel (AdamW, Muon and the
+  optimizers on the same tree) and as a scanned model (its layers stacked on a leading axis:
+  AdamW, and SOAP with ``stacked_axes=1`` on the stack). For each program: the lowering and
+  compile times, the operations of the lowered StableHLO and of the compiled HLO (fusions'
+  insides included), its arithmetic (dots, custom calls such as QR/eigh, reductions, control
+  flow), and the operations per block of the update (``BLOCKS``, by named scope).
   """
   import soap_optax
 
@@ -209,24 +289,53 @@ def compile_scaling(depths, d_model):
     shapes = _common.gpt_param_shapes(d_model=d_model, num_layers=layers)
     params = {k: jnp.zeros(s) for k, s in shapes.items()}
     scanned = scanned_params(shapes, layers)
-    row = {"layers": layers, "parameters": _common.num_params(shapes)}
-    runs = [("adamw", optax.adamw(1e-3), params), ("soap", soap_optax.soap(), params)]
+    runs = [("adamw", optax.adamw(1e-3), params)]
+    if hasattr(optax.contrib, "muon"):
+      runs.append(("muon", optax.contrib.muon(1e-3), params))
+    runs.append(("alias_wrappers", _wrappers(), params))
+    runs += [(name, getattr(soap_optax, name)(), params) for name in optimizers]
     if "stacked_axes" in inspect.signature(soap_optax.soap).parameters:  # not in old versions
       runs += [
         ("adamw_scanned", optax.adamw(1e-3), scanned),
         ("soap_scanned", scanned_soap(), scanned),
       ]
     for name, tx, tree in runs:
-      state = tx.init(tree)
-      start = time.perf_counter()
-      jax.jit(tx.update).lower(tree, state, tree).compile()
-      row[f"{name}_compile_s"] = time.perf_counter() - start
-    row["soap_vs_adamw"] = row["soap_compile_s"] / row["adamw_compile_s"]
-    if "soap_scanned_compile_s" in row:
-      row["soap_scanned_vs_adamw"] = row["soap_scanned_compile_s"] / row["adamw_compile_s"]
-    rows.append(row)
-    print(json.dumps(row), flush=True)
+      row = {"layers": layers, "parameters": len(jax.tree.leaves(tree)), "optimizer": name}
+      row.update(program_size(tx, tree))
+      rows.append(row)
+      print(json.dumps(row), flush=True)
   return rows
+
+
+def _scaling_tables(rows) -> str:
+  """Compile time and program size by depth; the blocks of each Kronecker optimizer."""
+  adamw = {r["layers"]: r for r in rows if r["optimizer"] == "adamw"}
+  headers = ["layers", "optimizer", "arrays", "compile s", "vs adamw", "compile CPU s"]
+  headers += ["vs adamw", "kernels", "lowered ops", "compiled ops"]
+  headers += ["dots", "custom calls", "reduces", "control"]
+  summary = []
+  for r in rows:
+    base, arith = adamw[r["layers"]], r["compiled_arith"]
+    summary.append([r["layers"], r["optimizer"], r["parameters"], f"{r['compile_s']:.2f}"])
+    summary[-1] += [f"{r['compile_s'] / base['compile_s']:.1f}", f"{r['compile_cpu_s']:.2f}"]
+    summary[-1] += [f"{r['compile_cpu_s'] / base['compile_cpu_s']:.1f}", r["kernels"]]
+    summary[-1] += [r["lowered_ops"], r["compiled_ops"]]
+    summary[-1] += [arith[k] for k in ("dot", "custom_call", "reduce", "control")]
+  out = [_common.markdown_table(headers, summary)]
+  for r in rows:
+    if r["optimizer"] in ("adamw", "muon", "alias_wrappers", "adamw_scanned"):
+      continue
+    blocks = sorted(set(r["lowered_by_block"]) | set(r["compiled_by_block"]))
+    table = []
+    for b in blocks:
+      arith = r["compiled_arith_by_block"].get(b, {})
+      table.append([b, r["kernels_by_block"].get(b, 0), r["lowered_by_block"].get(b, 0)])
+      table[-1] += [r["compiled_by_block"].get(b, 0)]
+      table[-1] += [arith.get(k, 0) for k in ("dot", "custom_call", "reduce", "control")]
+    out.append(f"\n{r['optimizer']}, {r['layers']} layers ({r['parameters']} arrays):")
+    columns = ["block", "kernels", "lowered ops", "compiled ops", "dots", "custom calls"]
+    out.append(_common.markdown_table([*columns, "reduces", "control"], table))
+  return "\n".join(out)
 
 
 def main():
@@ -240,11 +349,17 @@ def main():
   parser.add_argument("--compile_scaling", type=int, nargs="*", default=None)
   _common.add_json_arg(parser)
   args = parser.parse_args()
+  args.optimizers_given = "--optimizers" in sys.argv
   info = _common.print_header("soap_optax on a (fsdp=4, tp=2) mesh of simulated devices")
   devices = jax.device_count()
   if args.compile_scaling:
-    rows = compile_scaling(args.compile_scaling, args.d_model)
-    print(_common.markdown_table(list(rows[0]), [list(r.values()) for r in rows]))
+    names = [n for n in args.optimizers if n != "adamw"] if args.optimizers_given else ["soap"]
+    rows = compile_scaling(args.compile_scaling, args.d_model, names)
+    print()
+    print(_scaling_tables(rows))
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump({"machine": info, "rows": rows}, f, indent=2)
     return
   if devices != 8:
     raise SystemExit(f"needs 8 devices, found {devices}: JAX started before XLA_FLAGS was set")

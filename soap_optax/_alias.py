@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import DTypeLike
 
-from soap_optax import _checks, _linalg
+from soap_optax import _checks, _linalg, _sharding
 from soap_optax._eigenbasis import Method, eigenbasis_refresh
 from soap_optax._grafting import Grafting
 from soap_optax._layout import FactorAxes, LayoutRule
@@ -109,24 +110,69 @@ def skip_nonfinite_steps(tx: optax.GradientTransformation) -> optax.GradientTran
     return optax.ApplyIfFiniteState(zero, jnp.ones([], bool), zero, tx.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    finite = _linalg.all_finite(jax.tree.leaves(updates))
+    with jax.named_scope("skip_nonfinite_steps"):
+      finite = _linalg.all_finite(jax.tree.leaves(updates))
 
     def apply(updates, inner, params):
       return tx.update(updates, inner, params, **extra_args)
 
+    @jax.named_scope("skip_nonfinite_steps")
     def skip(updates, inner, params):
       del params
       return optax.tree.zeros_like(updates), inner
 
     new_updates, inner = jax.lax.cond(finite, apply, skip, updates, state.inner_state, params)
-    bad = (~finite).astype(jnp.int32)
-    new_state = optax.ApplyIfFiniteState(
-      notfinite_count=(state.notfinite_count + bad) * bad,
-      last_finite=finite,
-      total_notfinite=state.total_notfinite + bad,
-      inner_state=inner,
-    )
-    return new_updates, new_state
+    return new_updates, _skip_state(state, finite, inner)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _skip_state(state: optax.ApplyIfFiniteState, finite, inner) -> optax.ApplyIfFiniteState:
+  bad = (~finite).astype(jnp.int32)
+  return optax.ApplyIfFiniteState(
+    notfinite_count=(state.notfinite_count + bad) * bad,
+    last_finite=finite,
+    total_notfinite=state.total_notfinite + bad,
+    inner_state=inner,
+  )
+
+
+def _skip_nonfinite_steps_of_chain(
+  guarded: Sequence[optax.GradientTransformation], rest: Sequence[optax.GradientTransformation]
+) -> optax.GradientTransformationExtraArgs:
+  """``skip_nonfinite_steps(optax.chain(*guarded, *rest))`` (the same state and results) for
+  blocks of the family in ``guarded``, which skip a non-finite step themselves.
+
+  The blocks of the family keep their state on a non-finite step (but for ``kronecker_stats``'
+  count of skipped steps, which the first of ``guarded`` must be) and return a zero update, so
+  only ``rest``'s state and the final updates need to be kept or zeroed here: a select each,
+  instead of a runtime branch around the whole update, which made XLA compile the step inside
+  a conditional and test the gradients twice (measured: BUILD_NOTES.md, "Compile time").
+
+  On a device mesh the runtime branch stays: on simulated CPU devices, without it the step's
+  collectives deadlocked in XLA's thread pool (the stacked-layers mesh test).
+  """
+  tx = optax.with_extra_args_support(optax.chain(*guarded, *rest))
+  split = len(guarded)
+  on_mesh = skip_nonfinite_steps(tx)
+
+  def init_fn(params):
+    zero = jnp.zeros([], jnp.int32)
+    return optax.ApplyIfFiniteState(zero, jnp.ones([], bool), zero, tx.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if _sharding.find_mesh(updates) is not None:
+      return on_mesh.update(updates, state, params, **extra_args)
+    with jax.named_scope("skip_nonfinite_steps"):
+      finite = _linalg.all_finite(jax.tree.leaves(updates))
+    new_updates, inner = tx.update(updates, state.inner_state, params, **extra_args)
+    old = state.inner_state
+    with jax.named_scope("skip_nonfinite_steps"):
+      keep = functools.partial(jnp.where, finite)
+      new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+      stats = inner[0]._replace(skipped=old[0].skipped)
+      inner = (stats, *inner[1:split], *jax.tree.map(keep, inner[split:], old[split:]))
+    return new_updates, _skip_state(state, finite, inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -194,13 +240,13 @@ def _kronecker_chain(blocks, arguments: dict) -> optax.GradientTransformationExt
   weight_decay_mask = arguments.pop("weight_decay_mask")
   _checks.check_learning_rate(learning_rate)
   _checks.check_nonnegative("weight_decay", weight_decay)
-  tx = optax.chain(
-    *blocks(**arguments),
+  guarded = blocks(**arguments)
+  rest = (
     optax.scale_by_learning_rate(learning_rate),
     add_decayed_weights_after_step(learning_rate, weight_decay, weight_decay_mask),
     _in_parameter_dtypes(),
   )
-  return skip_nonfinite_steps(tx)
+  return _skip_nonfinite_steps_of_chain(guarded, rest)
 
 
 def _in_parameter_dtypes() -> optax.GradientTransformation:

@@ -159,8 +159,8 @@ def _first(stats, basis, padding, config: RefreshConfig) -> Eigenbasis:
   )
 
 
-def _guarded(decompose, stats, basis, estimates, padding, config, on_mesh) -> Eigenbasis:
-  """``decompose`` over a stack, keeping the old basis where the result is not finite."""
+def _decomposed(decompose, stats, basis, padding, config, on_mesh) -> Eigenbasis:
+  """``decompose`` over a stack: in one batched call, or one factor at a time."""
 
   def one_at_a_time(operands):
     return lax.map(lambda a: decompose(*a, config), operands)
@@ -171,18 +171,19 @@ def _guarded(decompose, stats, basis, estimates, padding, config, on_mesh) -> Ei
   operands = (stats, basis, padding)
   if config.adaptive and not (decompose is _first and config.first_basis == "eigh"):
     # One factor at a time, so that each factor's skip test is a real branch.
-    result = one_at_a_time(operands)
+    return one_at_a_time(operands)
   elif on_mesh:
     # On CPU every simulated device runs on a thread of XLA's intra-op pool, and jaxlib 0.10's
     # batched LAPACK kernels split a batch over that same pool and block until it is done: with
     # several devices doing so at once, all pool threads can wait and the step never finishes
     # (seen with 16 factors per device on 8 devices). Single matrices are not split.
-    result = lax.platform_dependent(operands, cpu=one_at_a_time, default=batched)
-  else:
-    result = batched(operands)
-  ok = jnp.all(jnp.isfinite(result.basis), axis=(-2, -1)) & jnp.all(
-    jnp.isfinite(result.eigenvalues), axis=-1
-  )
+    return lax.platform_dependent(operands, cpu=one_at_a_time, default=batched)
+  return batched(operands)
+
+
+def _guarded(result: Eigenbasis, basis, estimates) -> Eigenbasis:
+  """``result``, but the old basis (and estimates) kept where it is not finite."""
+  ok = _linalg.finite(result.basis, axis=(-2, -1)) & _linalg.finite(result.eigenvalues, axis=-1)
   kept = _kept(basis, estimates)
   return jax.tree.map(
     lambda new, old: jnp.where(ok.reshape(ok.shape + (1,) * (new.ndim - 1)), new, old),
@@ -225,13 +226,14 @@ def _padding(unit: _Unit, dtype) -> np.ndarray:
   return padding.astype(dtype)
 
 
-def _decompose_stack(is_first, units, stats, bases, estimates, config, mesh):
+def _decompose_stack(is_first, units, stats, bases, estimates, starts, config, mesh):
   """The first bases (``is_first``) or a scheduled refresh of the stack of the units' factors.
 
   The factors are concatenated along their block axis, padded with identities to a multiple of
   the device count, and the stack's leading axis is divided over the devices: each device
   decomposes its own slice (inside ``shard_map``, so QR and the per-factor skip branches stay
-  local). The results are split back per unit.
+  local). The results are split back per unit, at ``starts`` (see :func:`_split_points`) or,
+  on a mesh, at static offsets.
   """
   sizes = [s.shape[0] for s in stats]
   n, dtype = stats[0].shape[-1], stats[0].dtype
@@ -250,11 +252,14 @@ def _decompose_stack(is_first, units, stats, bases, estimates, config, mesh):
   def local(stats, basis, estimate, counts, is_first):
     def decompose(branch):
       with jax.named_scope(branch.__name__.strip("_")):  # "first" or "scheduled" in profiles
-        return _guarded(branch, stats, basis, estimate, counts, config, mesh is not None)
+        return _decomposed(branch, stats, basis, counts, config, mesh is not None)
 
     # One runtime branch for both, so that the program assembles and splits the stack once:
-    # with a branch each, compile time grew twice as fast with the number of parameters.
-    return lax.cond(is_first, lambda: decompose(_first), lambda: decompose(_scheduled))
+    # with a branch each, compile time grew twice as fast with the number of parameters. The
+    # test of the result follows the branch, so that it is compiled once too.
+    result = lax.cond(is_first, lambda: decompose(_first), lambda: decompose(_scheduled))
+    with jax.named_scope("guard"):
+      return _guarded(result, basis, estimate)
 
   if mesh is not None:
     spec = _sharding.stack_spec(mesh, 3)
@@ -271,10 +276,30 @@ def _decompose_stack(is_first, units, stats, bases, estimates, config, mesh):
       check_vma=False,
     )
   result = local(stats, basis, estimate, counts, is_first)
-  ends = np.cumsum(sizes)
+  if starts is None:
+    starts = [int(i) for i in np.cumsum(sizes) - sizes]
+    cut = lambda x, i, s: x[i : i + s]  # noqa: E731
+  else:
+    cut = lax.dynamic_slice_in_dim
   return [
-    jax.tree.map(lambda x, e=e, s=s: x[e - s : e], result) for e, s in zip(ends, sizes, strict=True)
+    jax.tree.map(lambda x, i=i, s=s: cut(x, i, s), result)
+    for i, s in zip(starts, sizes, strict=True)
   ]
+
+
+def _split_points(group: Sequence[_Unit], mesh) -> list | None:
+  """Where each unit's factors start in its stack, as values XLA cannot see through.
+
+  Split at constant offsets, every unit's slice of every result is a kernel of its own, the
+  largest part of the compiled program (16 GPT layers: 651 of 874 kernels). At offsets that are
+  run-time values, the slices of equal shape are one kernel. On a mesh the static offsets stay:
+  a slice at a run-time offset of a divided axis would gather the whole stack.
+  """
+  if mesh is not None:
+    return None
+  sizes = [u.carrier.layout.num_blocks for u in group]
+  starts = np.cumsum(sizes) - sizes
+  return lax.optimization_barrier([jnp.asarray(s, jnp.int32) for s in starts])
 
 
 def _group(units: Sequence[_Unit], phases: Sequence[int]) -> dict[tuple, list[int]]:
@@ -417,7 +442,8 @@ def eigenbasis_refresh(
       for (_, _, phase), members in _group(units, phases).items():
         group = [units[i] for i in members]
         results.update(_refresh_group(group, phase, state, config, mesh))
-    return _assemble(updates, named, units, results, state)
+    with jax.named_scope("refresh_state"):
+      return _assemble(updates, named, units, results, state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -432,14 +458,15 @@ def _refresh_group(group: Sequence[_Unit], phase: int, state, config, mesh) -> d
   estimates = [state.eigenvalues[u.key].astype(cdt) for u in group]
   iterations = [state.qr_iterations[u.key] for u in group]
 
-  def keep(stats, bases, estimates, iterations, is_first):
-    del stats, is_first
+  @jax.named_scope("keep")
+  def keep(stats, bases, estimates, iterations, is_first, starts):
+    del stats, is_first, starts
     kept = [_kept(b, e) for b, e in zip(bases, estimates, strict=True)]
     return [k._replace(iterations=i) for k, i in zip(kept, iterations, strict=True)]
 
-  def recompute(stats, bases, estimates, iterations, is_first):
+  def recompute(stats, bases, estimates, iterations, is_first, starts):
     del iterations
-    return _decompose_stack(is_first, group, stats, bases, estimates, config, mesh)
+    return _decompose_stack(is_first, group, stats, bases, estimates, starts, config, mesh)
 
   specs = [_result_specs(b.shape, mesh) for b in bases]
   # The operands stay where the state keeps them until a branch moves them: no communication
@@ -450,6 +477,7 @@ def _refresh_group(group: Sequence[_Unit], phase: int, state, config, mesh) -> d
     [s.eigenvalues for s in specs],
     [s.iterations for s in specs],
     None if mesh is None else jax.sharding.PartitionSpec(),
+    None,
   )
   branches = [_sharding.relayout(fn, specs, mesh, in_specs) for fn in (keep, recompute)]
   on_schedule = count % config.precondition_frequency == phase
@@ -458,7 +486,8 @@ def _refresh_group(group: Sequence[_Unit], phase: int, state, config, mesh) -> d
     index = jnp.where(finite, index, _KEEP)
     # Every operand enters the branches as an argument: under explicit sharding they run in
     # automatic regions, which must not close over explicitly typed values.
-    out = lax.switch(index, branches, stats, bases, estimates, iterations, count == 0)
+    starts = _split_points(group, mesh)
+    out = lax.switch(index, branches, stats, bases, estimates, iterations, count == 0, starts)
   return {u.key: r for u, r in zip(group, out, strict=True)}
 
 

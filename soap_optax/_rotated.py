@@ -84,11 +84,13 @@ class Rotation(NamedTuple):
 
   def into(self, x: Array) -> Array:
     """``x ×_k Q_kᵀ``."""
-    return mode_product(x, self.bases, transpose=True, matmul=self.matmul)
+    with jax.named_scope("rotate"):
+      return mode_product(x, self.bases, transpose=True, matmul=self.matmul)
 
   def out(self, x: Array) -> Array:
     """``x ×_k Q_k``."""
-    return mode_product(x, self.bases, transpose=False, matmul=self.matmul)
+    with jax.named_scope("rotate"):
+      return mode_product(x, self.bases, transpose=False, matmul=self.matmul)
 
 
 # direction(carrier, moments, rotation) -> (direction, new moments), all in the working layout.
@@ -241,7 +243,7 @@ def eigenbasis_optimizer(
       # region, which must not close over explicitly sharded values.
       return _sharding.relayout(step, out_specs, mesh)(carrier, stored)
 
-    with _sharding.using(mesh):
+    with _sharding.using(mesh), jax.named_scope(block):
       results = [update_leaf(i, c) for i, c in enumerate(carriers)]
     fields = {name: treedef.unflatten([new[name] for _, new in results]) for name in shaped}
     for name, old in by_key.items():
@@ -269,11 +271,14 @@ def _step(carrier: KroneckerUpdate, stored: dict, *, direction, kinds, param_sha
   live = carrier.live
   back = {}
   for k, v in new.items():
-    v = jnp.where(live, v, moments[k])
+    with jax.named_scope("live_guard"):
+      v = jnp.where(live, v, moments[k])
     back[k] = (from_blocks(v, layout) if shaped[k] else v).astype(stored[k].dtype)
   # The update stays in the compute dtype: a large direction (before the learning rate scales
   # it) would overflow float16; optax.apply_updates casts to the parameter's dtype.
-  return from_blocks(jnp.where(live, step, 0), layout), back
+  with jax.named_scope("live_guard"):
+    step = jnp.where(live, step, 0)
+  return from_blocks(step, layout), back
 
 
 def _check_moments(*, b1, b2, eps, moment_dtype, mu_dtype) -> None:

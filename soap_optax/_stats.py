@@ -141,7 +141,7 @@ def kronecker_stats(
     del params
     mesh = _sharding.find_mesh(updates)
     finite = _linalg.all_finite(jax.tree.leaves(updates))
-    with _sharding.using(mesh):
+    with _sharding.using(mesh), jax.named_scope("kronecker_stats"):
       results = [
         _accumulate(name, g, state, finite, beta, rule, mesh, matmul)
         for name, g in named_leaves(updates)
@@ -169,7 +169,8 @@ def _accumulate(name, g, state, finite, beta, rule, mesh, matmul):
     new = []
     for axis, s in zip(keys, old, strict=True):
       ema = beta * s.astype(cdt) + (1 - beta) * _linalg.factor_statistic(working, axis, matmul)
-      new.append(jnp.where(finite, ema, s.astype(cdt)))
+      with jax.named_scope("finite_guard"):
+        new.append(jnp.where(finite, ema, s.astype(cdt)))
     return working, new, [n.astype(s.dtype) for n, s in zip(new, old, strict=True)]
 
   specs = [_sharding.spread(shapes[axis], mesh) for axis in keys]
