@@ -202,14 +202,25 @@ def test_nan_matrix_is_flagged_and_left_non_finite_for_the_refresh_guard(method)
     assert_close(q[i], _oracle_q(good), atol=1e-5)
 
 
-def test_stack_falls_back_matrix_by_matrix():
+# The forms of a stack: the platform's choice, and each of the two it chooses between (the
+# looped one on CPU, the batched one elsewhere), so that both are checked on CPU.
+STACK_FORMS = {
+  "platform": lambda m: tuple(_linalg.cholesky_qr2(m))[:2],
+  "looped": lambda m: (lambda q, ok: (q, ~ok))(*_linalg._cholesky_qr_looped(m, False)),
+  "batched": lambda m: (lambda q, ok: (q, ~ok))(*_linalg._cholesky_qr_batched(m, False)),
+}
+
+
+@pytest.mark.parametrize("form", STACK_FORMS)
+def test_stack_falls_back_matrix_by_matrix(form):
   """Only the failing matrices of a stack are replaced; each result is its own matrix's QR."""
   rng = np.random.default_rng(6)
   statistic = _statistic(rng, np.logspace(0, -2, N))
   good = _power_step(statistic, _near_eigenbasis(rng, statistic))
   bad = _power_step(_rank_deficient(rng), _orthogonal(rng))
   stack = np.stack([bad, good, bad, good])
-  q, fallback = _cholesky(stack, "cholesky_qr2")
+  q, fallback = jax.jit(STACK_FORMS[form])(jnp.asarray(stack))
+  q, fallback = np.asarray(q, np.float64), np.asarray(fallback)
   assert_equal(fallback, np.array([True, False, True, False]))
   for i, y in enumerate(stack):
     _assert_orthonormal(q[i])
