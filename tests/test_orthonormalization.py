@@ -242,16 +242,27 @@ def test_default_orthonormalization_is_householder_qr():
   assert RefreshConfig().orthonormalization == "qr"
 
 
-def _soap_from_blocks(orthonormalization, first_basis):
+def _soap_from_blocks(orthonormalization, first_basis, **refresh):
   rule = soap_optax.LayoutRule(block_size=12)
   return optax.chain(
     soap_optax.kronecker_stats(0.95, layout=rule),
     soap_optax.eigenbasis_refresh(
-      3, layout=rule, first_basis=first_basis, orthonormalization=orthonormalization
+      3, layout=rule, first_basis=first_basis, orthonormalization=orthonormalization, **refresh
     ),
     soap_optax.rotated_adam(0.9, 0.95, 1e-8),
     optax.scale(-1e-2),
   )
+
+
+def _soap_run_inputs(shapes=None):
+  rng = np.random.default_rng(7)
+  shapes = shapes or {"thin": (24, 2), "ragged": (20, 6), "square": (8, 8)}
+  params = {k: np.zeros(shape, np.float32) for k, shape in shapes.items()}
+  grads = [
+    {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
+    for _ in range(10)
+  ]
+  return params, grads
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -262,15 +273,26 @@ def test_soap_with_cholesky_qr_follows_soap_with_qr(method, first_basis):
 
   The bases differ in their columns' signs (and in float32 rounding); a step uses a basis as
   ``Q … Qᵀ`` and Adam's moments follow it, so the updates agree to rounding."""
-  rng = np.random.default_rng(7)
-  params = {
-    "thin": np.zeros((24, 2), np.float32),
-    "ragged": np.zeros((20, 6), np.float32),
-    "square": np.zeros((8, 8), np.float32),
-  }
-  grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}]
-  for _ in range(9):
-    grads.append({k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()})
+  params, grads = _soap_run_inputs()
   reference = run_optimizer(_soap_from_blocks("qr", first_basis), params, grads, jnp.float32)
   ours = run_optimizer(_soap_from_blocks(method, first_basis), params, grads, jnp.float32)
+  assert_updates_close(params, ours, reference, tol=1e-5)
+
+
+def test_adaptive_refresh_with_warm_iterations_follows_qr():
+  """τ > 0 refreshes one factor at a time (single matrices) and max_qr_iterations > 1 runs the
+  warm power/QR loop: both orthonormalise through the option too.
+
+  On factors of full rank from the first step (square blocks), where the update depends
+  continuously on the basis. With rank-deficient factors it does not: the basis of their null
+  space is set by rounding, and the next gradient, which leaves the old range, is normalised
+  coordinate by coordinate in it; Householder QR against itself with gradients perturbed by
+  1e-6 moved the thin and ragged parameters' updates above by 25–40 %. Warm iterations keep
+  re-orthonormalising those rounding-defined columns, so the two methods part there."""
+  params, grads = _soap_run_inputs({"square": (8, 8), "blocked": (24, 24)})
+  refresh = {"refresh_tolerance": 0.05, "max_qr_iterations": 3}
+  reference = run_optimizer(_soap_from_blocks("qr", "qr", **refresh), params, grads, jnp.float32)
+  ours = run_optimizer(
+    _soap_from_blocks("cholesky_qr2", "qr", **refresh), params, grads, jnp.float32
+  )
   assert_updates_close(params, ours, reference, tol=1e-5)
