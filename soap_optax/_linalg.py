@@ -435,9 +435,10 @@ def cholesky_qr2(matrix: Array, *, shift: bool = False) -> CholeskyQR:
   recomputed by Householder QR. The fallback is a branch per matrix inside ``lax.map``, so only
   the failed matrices pay for a QR (under ``vmap`` the branch becomes a select and every matrix
   pays for both). On GPUs and TPUs the stack's Cholesky passes run batched before that loop; on
-  CPU, where XLA's batched products were measured about 3× slower than one product after
-  another (12 × 384², ``benchmarks/bench_orthonormalize.py``), each matrix is done whole inside
-  the loop. The choice is made when the program is lowered for its platform.
+  CPU each matrix is done whole inside the loop, which measured as fast as the batched passes
+  on a lightly loaded machine and up to 3× faster on a busy one (XLA's batched products, 12 ×
+  384², ``docs/benchmarks.md``). The choice is made when the program is lowered for its
+  platform.
 
   ``shift=True`` makes it a shifted Cholesky-QR3 (Fukaya et al. 2020): a first pass on
   ``YᵀY + sI``, then Cholesky-QR2 of its result. The shift ``s = 11(m + n + 1)·u·‖Y‖²_F`` bounds
