@@ -356,7 +356,8 @@ def eigenbasis_refresh(
       power step's condition number, so every matrix is tested and recomputed by Householder
       QR where they fail: rank-deficient statistics (early in training, or batch × sequence
       below the axis length) always fall back and then cost both. They give the same bases up
-      to the columns' signs, which do not change the updates.
+      to the columns' signs (which do not change the updates) and rounding; on CPU the default
+      is the faster one (``docs/benchmarks.md``).
 
   Returns:
     An ``optax.GradientTransformation`` to be placed after :func:`~soap_optax.kronecker_stats`.
