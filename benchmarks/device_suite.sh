@@ -21,13 +21,18 @@
 #   3. bench_qr_batching.py: batched against looped QR of (12, n, n) stacks, n = 128 ... 1536
 #      (80 s);
 #   4. bench_train_step.py --preset gpt2_small for adamw and soap with stagger_refresh=True, in a
-#      run of their own so that a slow compile in 2 cannot lose it (120 s).
+#      run of their own so that a slow compile in 2 cannot lose it (120 s);
+#   5. bench_orthonormalize.py: Householder QR against Cholesky-QR2 and shifted Cholesky-QR3 for
+#      the refresh's power step, (12, n, n) stacks, n = 256 ... 1536, well-conditioned inputs
+#      only, and the fallback's placements on 12 x 384^2 (25 s; rows print as they finish).
+# The timeouts add up to 475 s.
 # A step that times out leaves what it printed in its log; the summary at the end lists each
 # step's exit status (124 = timed out).
 #
 # A dry run on a CPU (minutes, a tiny model):
-#   PRESET=cpu QR_SIZES="32 64" TRAIN_STEP_EXTRA="--d_model 32 --num_layers 1 --num_heads 2 \
-#     --seq_len 16" bash benchmarks/device_suite.sh
+#   PRESET=cpu QR_SIZES="32 64" ORTHO_SIZES="32 64" ORTHO_STRATEGIES=32 \
+#     TRAIN_STEP_EXTRA="--d_model 32 --num_layers 1 --num_heads 2 --seq_len 16" \
+#     bash benchmarks/device_suite.sh
 
 set -u
 cd "$(dirname "$0")/.."
@@ -35,6 +40,8 @@ OUT="${OUT:-runs/device}"
 PYTHON="${PYTHON:-python3}"
 PRESET="${PRESET:-gpt2_small}"
 QR_SIZES="${QR_SIZES:-128 256 512 1024 1536}"
+ORTHO_SIZES="${ORTHO_SIZES:-256 512 1024 1536}"
+ORTHO_STRATEGIES="${ORTHO_STRATEGIES:-384}"
 TRAIN_STEP_EXTRA="${TRAIN_STEP_EXTRA:-}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -86,6 +93,11 @@ step train_step_gpt2_stagger 120 "$PYTHON" benchmarks/bench_train_step.py \
   --preset "$PRESET" $TRAIN_STEP_EXTRA \
   --optimizers adamw "soap:stagger_refresh=True" --precondition_frequency 10 --windows 3 \
   --json "$OUT/train_step_gpt2_stagger.json"
+
+# shellcheck disable=SC2086
+step orthonormalize 25 "$PYTHON" benchmarks/bench_orthonormalize.py \
+  --sizes $ORTHO_SIZES --count 12 --repeats 5 --inputs fresh \
+  --strategies "$ORTHO_STRATEGIES" --strategy_count 12 --json "$OUT/orthonormalize.json"
 
 echo
 echo "=== suite done in $(($(date +%s) - START))s; logs and JSON in $OUT"

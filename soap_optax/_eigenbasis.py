@@ -74,6 +74,8 @@ class RefreshConfig:
     refresh_tolerance: τ of the adaptive skip test; 0 refreshes on every schedule.
     max_qr_iterations: the most power/QR steps per refresh.
     stagger: give each factor its own phase within the window.
+    orthonormalization: how the power steps are orthonormalised: ``"qr"`` (Householder) or a
+      Cholesky-QR with a Householder fallback (``"cholesky_qr2"``, ``"shifted_cholesky_qr3"``).
   """
 
   precondition_frequency: ArrayLike = 10
@@ -82,10 +84,12 @@ class RefreshConfig:
   refresh_tolerance: ArrayLike = 0.0
   max_qr_iterations: ArrayLike = 1
   stagger: bool = False
+  orthonormalization: _linalg.Orthonormalization = "qr"
 
   def __post_init__(self):
     for name in ("method", "first_basis"):
       _checks.check_choice(name, getattr(self, name), _METHODS)
+    _checks.check_choice("orthonormalization", self.orthonormalization, _linalg.ORTHONORMALIZATIONS)
     if self.stagger and not isinstance(self.precondition_frequency, int):
       raise ValueError(
         "stagger=True needs a static (Python int) precondition_frequency; with "
@@ -114,13 +118,18 @@ def _refresh(stats, basis, estimates, product, padding, config: RefreshConfig) -
   """Recomputes a basis: sorted power step + QR (+ warm iterations), or ``eigh``."""
   if config.method == "eigh":
     return _linalg.eigh_basis(stats)
-  new_basis, order = _linalg.sorted_power_step(product, estimates)
+  new_basis, order = _linalg.sorted_power_step(product, estimates, config.orthonormalization)
   if config.single_iteration:
     eigenvalues = jnp.take_along_axis(estimates, order, axis=-1)
     iterations = jnp.ones(order.shape[:-1], jnp.int32)
   else:
     new_basis, eigenvalues, iterations = _linalg.warm_qr_iterations(
-      stats, new_basis, config.refresh_tolerance, config.max_qr_iterations, padding
+      stats,
+      new_basis,
+      config.refresh_tolerance,
+      config.max_qr_iterations,
+      padding,
+      config.orthonormalization,
     )
   return Eigenbasis(new_basis, order, eigenvalues, jnp.ones(order.shape[:-1], bool), iterations)
 
@@ -322,6 +331,7 @@ def eigenbasis_refresh(
   first_basis: Method = "eigh",
   stagger: bool = False,
   dtype: DTypeLike | None = None,
+  orthonormalization: _linalg.Orthonormalization = "qr",
 ) -> optax.GradientTransformation:
   """Keeps an orthonormal eigenbasis ``Q_k`` of every Kronecker factor ``L_k``.
 
@@ -363,6 +373,16 @@ def eigenbasis_refresh(
       It changes when each basis is refreshed, so it is off by default (SOAP's schedule).
     dtype: storage dtype of the bases and eigenvalue estimates (the decompositions run in
       float32 whatever it is); by default float32, or float64 for float64 parameters.
+    orthonormalization: how a refresh orthonormalises its power steps (``method="qr"`` and
+      ``first_basis="qr"``): ``"qr"``, Householder QR (the references); ``"cholesky_qr2"``,
+      two Cholesky-QR passes (products, a Cholesky and a triangular solve each: matmul work,
+      for accelerators); ``"shifted_cholesky_qr3"``, a shifted pass first, which passes
+      condition numbers about ten to a hundred times larger. The Cholesky forms square the
+      power step's condition number, so every matrix is tested and recomputed by Householder
+      QR where they fail: rank-deficient statistics (early in training, or batch × sequence
+      below the axis length) always fall back and then cost both. They give the same bases up
+      to the columns' signs (which do not change the updates) and rounding; on CPU the default
+      is the faster one (``docs/benchmarks.md``).
 
   Returns:
     An ``optax.GradientTransformation`` to be placed after :func:`~soap_optax.kronecker_stats`.
@@ -391,7 +411,13 @@ def eigenbasis_refresh(
   _checks.check_float_dtype("dtype", dtype)
   rule = layout or LayoutRule()
   config = RefreshConfig(
-    precondition_frequency, method, first_basis, refresh_tolerance, max_qr_iterations, stagger
+    precondition_frequency,
+    method,
+    first_basis,
+    refresh_tolerance,
+    max_qr_iterations,
+    stagger,
+    orthonormalization=orthonormalization,
   )
 
   def init_fn(params):

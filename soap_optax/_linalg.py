@@ -314,25 +314,30 @@ def orthonormalize(matrix: Array) -> Array:
   return q.reshape(matrix.shape)
 
 
-def sorted_power_step(product: Array, estimates: Array) -> tuple[Array, Array]:
+def sorted_power_step(
+  product: Array, estimates: Array, orthonormalization: str = "qr"
+) -> tuple[Array, Array]:
   """SOAP's refresh: order the old basis by its estimates, one power step ``L Q``, then QR.
 
   Takes ``L Q`` (already computed for the estimates) and returns the new basis and the order.
   Sorting keeps the columns of large eigenvalues first, as ``eigh``'s first basis has them, so
   the diagonal statistics held in the basis can follow with the same permutation.
+  ``orthonormalization`` names the QR's method (see :func:`orthonormalize_by`).
   """
   order = jnp.argsort(-estimates, axis=-1, stable=True).astype(jnp.int32)
-  basis = orthonormalize(jnp.take_along_axis(product, order[..., None, :], axis=-1))
+  sorted_product = jnp.take_along_axis(product, order[..., None, :], axis=-1)
+  basis = orthonormalize_by(sorted_product, orthonormalization)
   return basis, order
 
 
 def warm_qr_iterations(
-  matrix: Array, basis: Array, tolerance, max_iterations, padding=0.0
+  matrix: Array, basis: Array, tolerance, max_iterations, padding=0.0, orthonormalization="qr"
 ) -> tuple[Array, Array, Array]:
   """Further power steps + QR from ``basis`` while it is stale, up to ``max_iterations`` in all.
 
   ``basis`` counts as the first iteration. Works on ``(…, n, n)`` stacks, each matrix stopping
   on its own. Returns the bases, their eigenvalue estimates and the numbers of QR iterations.
+  ``orthonormalization`` names the QR's method (see :func:`orthonormalize_by`).
   """
 
   def measure(q):
@@ -346,7 +351,7 @@ def warm_qr_iterations(
   def body(carry):
     i, q, product, estimates, stale = carry
     go = going(i, stale)
-    q = jnp.where(go[..., None, None], orthonormalize(product), q)
+    q = jnp.where(go[..., None, None], orthonormalize_by(product, orthonormalization), q)
     product, new_estimates, new_stale = measure(q)
     estimates = jnp.where(go[..., None], new_estimates, estimates)
     return i + go.astype(jnp.int32), q, product, estimates, jnp.where(go, new_stale, stale)
@@ -369,3 +374,180 @@ def sentinel_padding(matrix: Array, padding: Array) -> Array:
   """
   eye = jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
   return matrix - padding.astype(matrix.dtype)[..., None, :] * eye
+
+
+# -- Cholesky-QR: an orthonormalisation made of matmuls ----------------------------------------
+
+# How the refresh's power step orthonormalises ``L Q`` (RefreshConfig.orthonormalization).
+Orthonormalization = Literal["qr", "cholesky_qr2", "shifted_cholesky_qr3"]
+ORTHONORMALIZATIONS = ("qr", "cholesky_qr2", "shifted_cholesky_qr3")
+
+# The most ``‖Q₁ᵀQ₁ − I‖_F`` a Cholesky-QR pass may leave for the next pass to be trusted: then
+# ``κ(Q₁)² ≤ (1 + ½)/(1 − ½) = 3``, and one more pass is orthonormal to a few units of rounding
+# (Yamamoto et al. 2015). Above it, or with a non-finite factor, the matrix goes to Householder.
+CHOLESKY_QR_BOUND = 0.5
+
+
+class CholeskyQR(NamedTuple):
+  """Cholesky-QR's orthonormal factors and, per matrix, whether Householder QR replaced them.
+
+  Attributes:
+    basis: ``Q`` with ``Y = Q R``, ``R`` upper triangular with a positive diagonal, ``(…, n, n)``.
+    fallback: ``(…)`` bool, True where the Cholesky passes failed and ``basis`` is Householder's
+      (with its columns' signs set to the same convention).
+  """
+
+  basis: Array
+  fallback: Array
+
+
+def _gram(y: Array) -> Array:
+  return jnp.matmul(jnp.swapaxes(y, -1, -2), y, precision=HIGHEST)
+
+
+def _cholesky_pass(y: Array, gram: Array) -> Array:
+  """``Y R⁻¹`` for ``R = chol(gram)ᵀ``: one triangular solve, no inverse formed.
+
+  JAX's Cholesky returns NaN where ``gram`` is not numerically positive definite, which the
+  fallback test sees as a non-finite factor.
+  """
+  lower = jnp.linalg.cholesky(gram, symmetrize_input=False)
+  return lax.linalg.triangular_solve(lower, y, left_side=False, lower=True, transpose_a=True)
+
+
+def _orthonormality_error(gram: Array) -> Array:
+  """``‖G − I‖_F`` per matrix; NaN where ``G`` is not finite."""
+  eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
+  return jnp.sqrt(jnp.sum(jnp.square(gram - eye), axis=(-2, -1)))
+
+
+def _qr_positive_diagonal(y: Array) -> Array:
+  """Householder ``Q`` of ``Y``, its columns' signs set so that ``R``'s diagonal is ≥ 0.
+
+  ``diag R = diag(QᵀY)`` costs n² (no product of matrices); a zero pivot keeps its sign.
+  """
+  q = orthonormalize(y)
+  pivots = jnp.sum(q * y, axis=-2)
+  return q * jnp.where(pivots < 0, -1, 1).astype(q.dtype)[..., None, :]
+
+
+def cholesky_qr2(matrix: Array, *, shift: bool = False) -> CholeskyQR:
+  """Orthonormalises each ``(…, n, n)`` matrix by Cholesky-QR2, falling back to Householder QR.
+
+  Two passes of ``R = chol(YᵀY)ᵀ, Y ← Y R⁻¹``: each is a product, a Cholesky and a triangular
+  solve, work that accelerators do at matmul speed, where Householder QR is a chain of thin
+  panel updates. The columns keep their order (the ``Q`` of ``Y``'s QR, with ``R``'s diagonal
+  positive: Householder's ``Q`` up to column signs). ``YᵀY`` squares ``Y``'s condition number,
+  so a pass needs ``κ(Y) ≲ u^{-1/2}`` (≈ 3·10³ in float32): SOAP's statistics break that when
+  they are rank-deficient (early in training, batch × sequence below the axis length), on
+  zero-padded blocks and with widely spread spectra. So each matrix is tested: if the first
+  pass's ``Q₁`` is not finite or ``‖Q₁ᵀQ₁ − I‖_F`` (read off the second pass's Gram matrix, at no
+  cost) exceeds :data:`CHOLESKY_QR_BOUND`, or the result is not finite, that matrix is
+  recomputed by Householder QR. The fallback is a branch per matrix inside ``lax.map``, so only
+  the failed matrices pay for a QR (under ``vmap`` the branch becomes a select and every matrix
+  pays for both). On GPUs and TPUs the stack's Cholesky passes run batched before that loop; on
+  CPU each matrix is done whole inside the loop, which measured as fast as the batched passes
+  on a lightly loaded machine and up to 3× faster on a busy one (XLA's batched products, 12 ×
+  384², ``docs/benchmarks.md``). The choice is made when the program is lowered for its
+  platform.
+
+  ``shift=True`` makes it a shifted Cholesky-QR3 (Fukaya et al. 2020): a first pass on
+  ``YᵀY + sI``, then Cholesky-QR2 of its result. The shift ``s = 11(m + n + 1)·u·‖Y‖²_F`` bounds
+  the rounding errors of the Gram matrix (``≤ m·u·‖Y‖²_F``) and of its Cholesky factorisation
+  (``≤ (n+1)·u·‖Y‖²_F``) with the paper's safety factor 11, so the shifted matrix stays positive
+  definite; it is the paper's ``11(mn + n(n+1))·u·‖Y‖²₂`` with the Frobenius norm kept instead of
+  being bounded by ``n‖Y‖²₂``, which for square n × n blocks would shift by about ``‖Y‖²₂`` itself
+  and gain nothing. The first pass leaves ``κ(Q₁) ≈ √s / σ_min(Y)``, so in float32 matrices up to
+  ``κ(Y) ≈ 10⁴``–``10⁵`` (n = 256) pass instead of ``≈ 10³``, for a third pass's work.
+
+  Products are at ``Precision.HIGHEST`` in the input's dtype (float32 in the refresh).
+
+  Args:
+    matrix: ``(…, n, n)`` matrices to orthonormalise (square: the power step's ``L Q``).
+    shift: whether to start with the shifted pass (Cholesky-QR3).
+
+  Returns:
+    A :class:`CholeskyQR`: the orthonormal factors and where Householder QR was used.
+
+  References:
+    Fukaya et al., `CholeskyQR2: a simple and communication-avoiding algorithm for computing a
+    tall-skinny QR factorization on a large-scale parallel system
+    <https://doi.org/10.1109/ScalA.2014.11>`_, 2014.
+    Yamamoto et al., `Roundoff error analysis of the CholeskyQR2 algorithm
+    <https://etna.math.kent.edu/vol.44.2015/pp306-326.dir/pp306-326.pdf>`_, 2015.
+    Fukaya et al., `Shifted Cholesky QR for computing the QR factorization of ill-conditioned
+    matrices <https://doi.org/10.1137/18M1218212>`_, 2020.
+  """
+  if matrix.ndim == 2:
+    q, ok = _cholesky_qr_single(matrix, shift)
+    return CholeskyQR(q, ~ok)
+  shape = matrix.shape
+  q, ok = lax.platform_dependent(
+    matrix.reshape(-1, *shape[-2:]),
+    cpu=lambda m: _cholesky_qr_looped(m, shift),
+    default=lambda m: _cholesky_qr_batched(m, shift),
+  )
+  return CholeskyQR(q.reshape(shape), ~ok.reshape(shape[:-2]))
+
+
+def _cholesky_qr_single(matrix: Array, shift: bool) -> tuple[Array, Array]:
+  """One matrix: the Cholesky passes, and Householder QR in a branch where they failed."""
+  q, ok = _cholesky_qr_passes(matrix, shift)
+  return lax.cond(ok, lambda: q, lambda: _qr_positive_diagonal(matrix)), ok
+
+
+def _cholesky_qr_looped(stack: Array, shift: bool) -> tuple[Array, Array]:
+  """A ``(K, n, n)`` stack one matrix at a time (CPU)."""
+  return lax.map(lambda a: _cholesky_qr_single(a, shift), stack)
+
+
+def _cholesky_qr_batched(stack: Array, shift: bool) -> tuple[Array, Array]:
+  """A ``(K, n, n)`` stack's passes batched, then a per-matrix branch to Householder QR."""
+  q, ok = _cholesky_qr_passes(stack, shift)
+
+  def one(operands):
+    a, qa, fine = operands
+    return lax.cond(fine, lambda: qa, lambda: _qr_positive_diagonal(a))
+
+  return lax.map(one, (stack, q, ok)), ok
+
+
+def _cholesky_qr_passes(matrix: Array, shift: bool) -> tuple[Array, Array]:
+  """Cholesky-QR2 (or shifted -QR3) without the fallback: ``Q`` and, per matrix, whether it
+  passed the test of :func:`cholesky_qr2`."""
+  # Scaling Y's columns changes R, not Q (Y D = Q (R D) for a positive diagonal D), and the
+  # power step's Y = L Q is ill-conditioned mostly through its column norms: with Q close to
+  # L's eigenbasis, L Q ≈ Q Λ. Unit columns leave the condition of the basis' drift, so widely
+  # spread but well-resolved spectra pass. A zero column stays zero (and falls back).
+  norms = jnp.sqrt(jnp.sum(jnp.square(matrix), axis=-2, keepdims=True))
+  y = matrix / jnp.where(norms > 0, norms, 1)
+  if shift:
+    m, n = matrix.shape[-2:]
+    unit = jnp.finfo(matrix.dtype).eps / 2
+    gram = _gram(y)
+    size = jnp.trace(gram, axis1=-2, axis2=-1)  # ‖Y‖²_F
+    s = 11 * (m + n + 1) * unit * size
+    # Exactly zero for a zero Y, where no shift can help: that matrix falls back.
+    y = _cholesky_pass(y, gram + s[..., None, None] * jnp.eye(n, dtype=gram.dtype))
+  q1 = _cholesky_pass(y, _gram(y))
+  gram = _gram(q1)
+  q = _cholesky_pass(q1, gram)
+  error = _orthonormality_error(gram)  # NaN when q1 is not finite
+  return q, (error <= CHOLESKY_QR_BOUND) & jnp.all(jnp.isfinite(q), axis=(-2, -1))
+
+
+def orthonormalize_by(matrix: Array, orthonormalization: Orthonormalization = "qr") -> Array:
+  """The orthonormal factor of each matrix by the named method.
+
+  ``"qr"`` is :func:`orthonormalize` (Householder); ``"cholesky_qr2"`` and
+  ``"shifted_cholesky_qr3"`` are :func:`cholesky_qr2` without and with the shifted first pass,
+  Householder where they fail. All give the ``Q`` of the columns' QR in their order; the
+  Cholesky forms fix its column signs (``R``'s diagonal positive), Householder's follow LAPACK.
+  """
+  if orthonormalization == "qr":
+    return orthonormalize(matrix)
+  if orthonormalization in ("cholesky_qr2", "shifted_cholesky_qr3"):
+    return cholesky_qr2(matrix, shift=orthonormalization == "shifted_cholesky_qr3").basis
+  raise ValueError(
+    f"orthonormalization must be one of {ORTHONORMALIZATIONS}, got {orthonormalization!r}."
+  )
