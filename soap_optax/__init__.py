@@ -31,8 +31,8 @@ from soap_optax._checkpoint import abstract_state
 from soap_optax._diagnostics import Diagnostics, FactorDiagnostics, diagnostics
 from soap_optax._eigenbasis import EigenbasisState, Method, eigenbasis_refresh
 from soap_optax._grafting import Grafting
-from soap_optax._layout import FactorLayout, LayoutRule
-from soap_optax._linalg import off_diagonal_ratio
+from soap_optax._layout import FactorAxes, FactorLayout, LayoutRule
+from soap_optax._linalg import MatmulPrecision, Orthonormalization, off_diagonal_ratio
 from soap_optax._rotated import (
   DirectionRule,
   EigenvalueCorrectedState,
@@ -57,15 +57,18 @@ __all__ = (
   "Diagnostics",
   "EigenbasisState",
   "EigenvalueCorrectedState",
+  "FactorAxes",
   "FactorDiagnostics",
   "FactorLayout",
   "Grafting",
   "KroneckerStatsState",
   "KroneckerUpdate",
   "LayoutRule",
+  "MatmulPrecision",
   "Method",
   "Moment",
   "MomentBasis",
+  "Orthonormalization",
   "RotatedAdafactorState",
   "RotatedAdamState",
   "Rotation",

@@ -17,7 +17,7 @@ from soap_optax import _checks, _linalg, _sharding
 from soap_optax._eigenbasis import Method, eigenbasis_refresh
 from soap_optax._grafting import Grafting
 from soap_optax._layout import FactorAxes, LayoutRule
-from soap_optax._linalg import MatmulPrecision
+from soap_optax._linalg import MatmulPrecision, Orthonormalization
 from soap_optax._rotated import eigenvalue_corrected, rotated_adafactor, rotated_adam
 from soap_optax._shampoo import shampoo_precondition
 from soap_optax._stats import kronecker_stats
@@ -65,6 +65,10 @@ _SHARED_ARGS = """\
       default), ``"high"``/``"default"`` (an accelerator's faster TF32/bf16 passes), or
       ``"bfloat16"`` (operands rounded to bfloat16, float32 accumulation, on every platform).
       The refresh's power steps and staleness test stay in full float32.
+    orthonormalization: how the refresh re-orthonormalises its power step: ``"qr"``
+      (Householder, the default), ``"cholesky_qr2"`` or ``"shifted_cholesky_qr3"`` (matmuls and a
+      Cholesky, for accelerators; a matrix where they lose orthonormality falls back to QR; see
+      :func:`~soap_optax.eigenbasis_refresh`).
 """
 
 
@@ -283,6 +287,7 @@ def _soap_blocks(
   mu_dtype,
   factor_axes,
   precision,
+  orthonormalization,
 ):
   _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
   direction = rotated_adam(
@@ -306,6 +311,7 @@ def _soap_blocks(
     stats_dtype=stats_dtype,
     basis_dtype=basis_dtype,
     precision=precision,
+    orthonormalization=orthonormalization,
     first_basis=first_basis,
   )
 
@@ -338,6 +344,7 @@ def _shampoo_blocks(
   mu_dtype,
   factor_axes,
   precision,
+  orthonormalization,
 ):
   _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
   direction = shampoo_precondition(
@@ -364,6 +371,7 @@ def _shampoo_blocks(
     stats_dtype=stats_dtype,
     basis_dtype=basis_dtype,
     precision=precision,
+    orthonormalization=orthonormalization,
     refresh_tolerance=refresh_tolerance,
     max_qr_iterations=max_qr_iterations,
     method=method,
@@ -393,6 +401,7 @@ def _eigen_adafactor_blocks(
   mu_dtype,
   factor_axes,
   precision,
+  orthonormalization,
 ):
   _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
   layout = _layout(
@@ -418,6 +427,7 @@ def _eigen_adafactor_blocks(
     stats_dtype=stats_dtype,
     basis_dtype=basis_dtype,
     precision=precision,
+    orthonormalization=orthonormalization,
     first_basis=first_basis,
   )
 
@@ -444,6 +454,7 @@ def _eshampoo_blocks(
   mu_dtype,
   factor_axes,
   precision,
+  orthonormalization,
 ):
   _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
   return _kronecker_blocks(
@@ -459,6 +470,7 @@ def _eshampoo_blocks(
     stats_dtype=stats_dtype,
     basis_dtype=basis_dtype,
     precision=precision,
+    orthonormalization=orthonormalization,
     refresh_tolerance=refresh_tolerance,
     max_qr_iterations=max_qr_iterations,
     first_basis=first_basis,
@@ -491,6 +503,7 @@ def scale_by_soap(
   mu_dtype: DTypeLike | None = None,
   factor_axes: FactorAxes = "all",
   precision: MatmulPrecision = "highest",
+  orthonormalization: Orthonormalization = "qr",
 ) -> optax.GradientTransformationExtraArgs:
   """SOAP's update direction, to compose like ``optax.scale_by_adam``.
 
@@ -566,6 +579,7 @@ def scale_by_shampoo(
   mu_dtype: DTypeLike | None = None,
   factor_axes: FactorAxes = "all",
   precision: MatmulPrecision = "highest",
+  orthonormalization: Orthonormalization = "qr",
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo's grafted update direction, to compose like optax's ``scale_by_*``.
 
@@ -634,6 +648,7 @@ def scale_by_eigen_adafactor(
   mu_dtype: DTypeLike | None = None,
   factor_axes: FactorAxes = "all",
   precision: MatmulPrecision = "highest",
+  orthonormalization: Orthonormalization = "qr",
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor's direction in Shampoo's eigenbasis, to compose like optax's ``scale_by_*``.
 
@@ -693,6 +708,7 @@ def scale_by_eshampoo(
   mu_dtype: DTypeLike | None = None,
   factor_axes: FactorAxes = "all",
   precision: MatmulPrecision = "highest",
+  orthonormalization: Orthonormalization = "qr",
 ) -> optax.GradientTransformationExtraArgs:
   """EShampoo's direction with the adaptive refresh, to compose like optax's ``scale_by_*``.
 
@@ -757,6 +773,7 @@ def soap(
   mu_dtype: DTypeLike | None = None,
   factor_axes: FactorAxes = "all",
   precision: MatmulPrecision = "highest",
+  orthonormalization: Orthonormalization = "qr",
 ) -> optax.GradientTransformationExtraArgs:
   r"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner.
 
@@ -845,6 +862,7 @@ def shampoo(
   mu_dtype: DTypeLike | None = None,
   factor_axes: FactorAxes = "all",
   precision: MatmulPrecision = "highest",
+  orthonormalization: Orthonormalization = "qr",
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo (power 1/2 by default) with Adam grafting, as Distributed Shampoo runs it.
 
@@ -931,6 +949,7 @@ def eigen_adafactor(
   mu_dtype: DTypeLike | None = None,
   factor_axes: FactorAxes = "all",
   precision: MatmulPrecision = "highest",
+  orthonormalization: Orthonormalization = "qr",
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor in the eigenbasis of Shampoo's preconditioner (the SOAP paper's Shampoo-1/2).
 
@@ -1003,6 +1022,7 @@ def eshampoo(
   mu_dtype: DTypeLike | None = None,
   factor_axes: FactorAxes = "all",
   precision: MatmulPrecision = "highest",
+  orthonormalization: Orthonormalization = "qr",
 ) -> optax.GradientTransformationExtraArgs:
   """Eigenvalue-corrected Shampoo with the adaptive eigenbasis refresh of *Purifying Shampoo*.
 

@@ -74,6 +74,7 @@ INVALID = [
   ("moment_dtype", "not_a_dtype"),
   ("mu_dtype", "int32"),
   ("factor_axes", "diagonal"),
+  ("orthonormalization", "gram_schmidt"),
 ]
 INVALID_PARAMS = [
   pytest.param(name, argument, value, id=f"{name}-{argument}={value}")
