@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -217,6 +217,7 @@ def _phases(units: Sequence[_Unit], config: RefreshConfig) -> list[int]:
   if not config.stagger:
     return [0] * len(units)
   frequency = config.precondition_frequency
+  assert isinstance(frequency, int), "stagger needs a static frequency (RefreshConfig checks)"
   load, phases = [0] * frequency, [0] * len(units)
   costs = [u.carrier.layout.num_blocks * u.carrier.layout.block_shape[u.axis] ** 3 for u in units]
   for i in sorted(range(len(units)), key=lambda i: -costs[i]):  # stable: ties in tree order
@@ -281,7 +282,7 @@ def _decompose_stack(is_first, units, stats, bases, estimates, starts, config, m
       local,
       mesh=jax.sharding.get_abstract_mesh(),
       in_specs=(spec, spec, vector, scalar, replicated),
-      out_specs=Eigenbasis(spec, vector, vector, scalar, scalar),
+      out_specs=Eigenbasis._make([spec, vector, vector, scalar, scalar]),  # a tree of specs
       check_vma=False,
     )
   result = local(stats, basis, estimate, counts, is_first)
@@ -459,7 +460,8 @@ def eigenbasis_refresh(
     ]
     if not units:  # nothing factored: the records get empty per-axis fields
       carriers = [_fill(carrier, {}) for _, carrier in named]
-      return jax.tree.structure(updates, is_leaf=is_carrier).unflatten(carriers), state
+      structure: Any = jax.tree.structure(updates, is_leaf=is_carrier)  # PyTreeDef: no stubs
+      return structure.unflatten(carriers), state
     phases = _phases(units, config)
     results = {}
     with _sharding.using(mesh), jax.default_matmul_precision("float32"):
@@ -479,7 +481,7 @@ def _refresh_group(group: Sequence[_Unit], phase: int, state, config, mesh) -> d
   a scheduled refresh)."""
   count, finite = group[0].carrier.count, group[0].carrier.finite
   cdt = group[0].carrier.grad.dtype
-  stats = [u.carrier.stats[u.axis] for u in group]
+  stats = [u.carrier.stats[u.axis] for u in group]  # type: ignore[index]  # filled by stats
   bases = [state.basis[u.key].astype(cdt) for u in group]
   estimates = [state.eigenvalues[u.key].astype(cdt) for u in group]
   iterations = [state.qr_iterations[u.key] for u in group]
@@ -538,7 +540,8 @@ def _assemble(updates, named, units, results, state):
       r.refreshed,
     )
   carriers = [_fill(carrier, per_carrier.get(name, {})) for name, carrier in named]
-  new_updates = jax.tree.structure(updates, is_leaf=is_carrier).unflatten(carriers)
+  structure: Any = jax.tree.structure(updates, is_leaf=is_carrier)  # PyTreeDef: no stubs
+  new_updates = structure.unflatten(carriers)
   return new_updates, EigenbasisState(basis, eigenvalues, refreshes, iterations)
 
 
@@ -556,8 +559,8 @@ def _result_specs(basis_shape, mesh) -> Eigenbasis:
   blocks, n = basis_shape[0], basis_shape[-1]
   spread = functools.partial(_sharding.spread, mesh=mesh)
   flags = None if mesh is None else jax.sharding.PartitionSpec()
-  return Eigenbasis(
-    spread((blocks, n, n)), spread((blocks, n)), spread((blocks, n)), flags, spread((blocks,))
+  return Eigenbasis._make(  # a tree of specs
+    [spread((blocks, n, n)), spread((blocks, n)), spread((blocks, n)), flags, spread((blocks,))]
   )
 
 

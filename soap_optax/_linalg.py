@@ -16,6 +16,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
 
 Array = jax.Array
 
@@ -315,7 +316,7 @@ def orthonormalize(matrix: Array) -> Array:
 
 
 def sorted_power_step(
-  product: Array, estimates: Array, orthonormalization: str = "qr"
+  product: Array, estimates: Array, orthonormalization: Orthonormalization = "qr"
 ) -> tuple[Array, Array]:
   """SOAP's refresh: order the old basis by its estimates, one power step ``L Q``, then QR.
 
@@ -363,7 +364,7 @@ def warm_qr_iterations(
   return basis, estimates, iterations
 
 
-def sentinel_padding(matrix: Array, padding: Array) -> Array:
+def sentinel_padding(matrix: Array, padding: ArrayLike) -> Array:
   """``L − diag(padding)`` for ``(…, n, n)`` statistics and ``(…, n)`` 0/1 padding flags.
 
   Gives the zero padding of a ragged block the eigenvalue −1. The statistics of a padded block
@@ -373,7 +374,7 @@ def sentinel_padding(matrix: Array, padding: Array) -> Array:
   the real block's basis is the one it would have alone.
   """
   eye = jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
-  return matrix - padding.astype(matrix.dtype)[..., None, :] * eye
+  return matrix - jnp.asarray(padding, matrix.dtype)[..., None, :] * eye
 
 
 # -- Cholesky-QR: an orthonormalisation made of matmuls ----------------------------------------

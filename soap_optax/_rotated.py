@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +97,12 @@ class Rotation(NamedTuple):
 DirectionRule = Callable[[KroneckerUpdate, dict[str, Array], Rotation], tuple[Array, dict]]
 
 
+def _bases(bases: tuple | None) -> tuple:
+  """A record's per-axis bases, which the refresh has filled in by the time they are read."""
+  assert bases is not None, "eigenbasis_refresh fills in the bases"
+  return bases
+
+
 def carry_to_next_basis(carrier: KroneckerUpdate, moments: dict, kinds: dict) -> dict:
   """Moves moments held in ``carrier.basis`` into ``carrier.next_basis``.
 
@@ -106,6 +112,7 @@ def carry_to_next_basis(carrier: KroneckerUpdate, moments: dict, kinds: dict) ->
   reference does. Runs under a ``lax.cond``: a step in which no factor was refreshed pays
   nothing.
   """
+  assert carrier.refreshed is not None and carrier.order is not None, "filled by the refresh"
   refreshed = [r for r in carrier.refreshed if r is not None]
   moving = {k: v for k, v in moments.items() if kinds[k] != "parameter"}
   if not refreshed or not moving:
@@ -114,13 +121,13 @@ def carry_to_next_basis(carrier: KroneckerUpdate, moments: dict, kinds: dict) ->
   def transfer(moving):
     # At full precision whatever the step's `precision`: it runs once per refresh, and a first
     # moment blurred in transit would stay blurred.
-    old, new = Rotation(carrier.basis), Rotation(carrier.next_basis)
+    old, new = Rotation(_bases(carrier.basis)), Rotation(_bases(carrier.next_basis))
     out = {}
     for name, x in moving.items():
       if kinds[name] == "eigen":
         out[name] = new.into(old.out(x))
         continue
-      for axis, order in enumerate(carrier.order):
+      for axis, order in enumerate(carrier.order or ()):
         # An axis reduced to length 1 (Adafactor's row or column sums) needs no permutation.
         if order is not None and x.shape[axis + 1] == order.shape[-1]:
           index = order.reshape(order.shape[:1] + (1,) * axis + order.shape[1:])
@@ -209,6 +216,7 @@ def eigenbasis_optimizer(
       mesh = _sharding.find_mesh(params)
 
       def build(name, p):
+        assert layout is not None, "a moment with a shape of its own needs the layout"
         shape = moment.shape(layout.layout(p.shape, name))
         if shape is None:
           return {}
@@ -224,7 +232,7 @@ def eigenbasis_optimizer(
     del params
     expect_carriers(updates, block, needs, "eigenbasis_refresh")
     mesh = _sharding.find_mesh(updates)
-    treedef = jax.tree.structure(updates, is_leaf=is_carrier)
+    treedef: Any = jax.tree.structure(updates, is_leaf=is_carrier)  # PyTreeDef: no stubs
     carriers = treedef.flatten_up_to(updates)
     shaped = [m.name for m in moments if m.shape is None]
     columns = {name: treedef.flatten_up_to(getattr(state, name)) for name in shaped}
@@ -266,7 +274,7 @@ def _step(carrier: KroneckerUpdate, stored: dict, *, direction, kinds, param_sha
   moments = {
     k: to_blocks(v.astype(cdt), layout) if shaped[k] else v.astype(cdt) for k, v in stored.items()
   }
-  step, new = direction(carrier, moments, Rotation(carrier.basis, matmul))
+  step, new = direction(carrier, moments, Rotation(_bases(carrier.basis), matmul))
   new = carry_to_next_basis(carrier, new, kinds)
   live = carrier.live
   back = {}

@@ -36,8 +36,8 @@ def find_mesh(tree) -> Mesh | None:
   The context mesh comes first; otherwise the mesh in the sharding type of any leaf of ``tree``
   (explicit sharding carries it in the type). A mesh of a single device counts as none.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  mesh: Mesh | None = jax.sharding.get_abstract_mesh()
+  if mesh is not None and mesh.empty:
     mesh = None
     for leaf in jax.tree.leaves(tree):
       try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ class KroneckerStatsState(NamedTuple):
     skipped: number of steps skipped because a gradient held a NaN or an Inf.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # optax's name for it; shadows tuple.count
   stats: dict[str, jax.Array]
   skipped: jax.Array
 
@@ -146,7 +146,8 @@ def kronecker_stats(
         _accumulate(name, g, state, finite, beta, rule, mesh, matmul)
         for name, g in named_leaves(updates)
       ]
-    carriers = jax.tree.structure(updates).unflatten([c for c, _ in results])
+    structure: Any = jax.tree.structure(updates)  # jaxlib's PyTreeDef has no type stubs
+    carriers = structure.unflatten([c for c, _ in results])
     stats = dict(state.stats) if hasattr(state.stats, "keys") else state.stats
     for _, new in results:
       stats.update(new)
