@@ -289,10 +289,14 @@ def _step(carrier: KroneckerUpdate, stored: dict, *, direction, kinds, param_sha
   return from_blocks(step, layout), back
 
 
-def _check_moments(*, b1, b2, eps, moment_dtype, mu_dtype) -> None:
-  """The checks every rotated optimizer's moment arguments share."""
+def _check_moments(*, b1, b2, eps, moment_dtype, mu_dtype, frozen_b2=False) -> None:
+  """The checks every rotated optimizer's moment arguments share.
+
+  ``frozen_b2`` admits ``b2 = 1``, a second moment kept as it is (as the SOAP paper's idealized
+  Adafactor keeps the dataset's averages), where the rule stays finite with it.
+  """
   _checks.check_unit_interval("b1", b1)
-  _checks.check_unit_interval("b2", b2)
+  _checks.check_unit_interval("b2", b2, closed=frozen_b2)
   _checks.check_nonnegative("eps", eps)
   _checks.check_float_dtype("moment_dtype", moment_dtype)
   _checks.check_float_dtype("mu_dtype", mu_dtype)
@@ -349,7 +353,7 @@ def rotated_adam(
 
   Args:
     b1: decay of the first moment, in ``[0, 1)``.
-    b2: decay of the second moment, in ``[0, 1)``.
+    b2: decay of the second moment, in ``[0, 1]`` (1 keeps it as it is).
     eps: added to ``√v``.
     correct_bias: apply Adam's bias correction ``c_t``.
     normalize_grads: divide each block's direction by its root mean square (SOAP's
@@ -389,7 +393,9 @@ def rotated_adam(
     <https://arxiv.org/abs/1412.6980>`_, 2014.
   """
 
-  _check_moments(b1=b1, b2=b2, eps=eps, moment_dtype=moment_dtype, mu_dtype=mu_dtype)
+  _check_moments(
+    b1=b1, b2=b2, eps=eps, moment_dtype=moment_dtype, mu_dtype=mu_dtype, frozen_b2=True
+  )
 
   def direction(carrier, moments, rotation):
     g = rotation.into(carrier.grad)
@@ -513,7 +519,9 @@ def rotated_adafactor(
     Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory Cost
     <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
-  _check_moments(b1=b1, b2=b2, eps=eps, moment_dtype=moment_dtype, mu_dtype=mu_dtype)
+  _check_moments(
+    b1=b1, b2=b2, eps=eps, moment_dtype=moment_dtype, mu_dtype=mu_dtype, frozen_b2=True
+  )
   _checks.check_nonnegative("eps2", eps2)
   rule = layout or LayoutRule()
 
