@@ -203,20 +203,37 @@ def _layout(
 
 
 def _kronecker_blocks(
-  direction,
+  direction: Callable[[LayoutRule], optax.GradientTransformation],
   *,
-  beta,
-  layout,
+  b1,
+  b2,
+  shampoo_beta,
+  eps,
   precondition_frequency,
+  max_precond_dim,
+  merge_dims,
+  precondition_1d,
+  block_size,
+  stacked_axes,
+  factor_axes,
   stagger_refresh,
   stats_dtype,
   basis_dtype,
   precision,
   **refresh_options,
 ) -> tuple[optax.GradientTransformation, ...]:
-  """``kronecker_stats → eigenbasis_refresh → direction``, one layout shared by the three."""
+  """``kronecker_stats → eigenbasis_refresh → direction(layout)``, one layout shared by the three.
+
+  Takes the arguments every member shares, under the members' names (and checks them so); the
+  rest are the refresh's own options (``first_basis``, ``orthonormalization``, …).
+  """
+  _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
   _checks.check_float_dtype("stats_dtype", stats_dtype)
   _checks.check_float_dtype("basis_dtype", basis_dtype)
+  layout = _layout(
+    max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes, factor_axes
+  )
+  beta = b2 if shampoo_beta is None else shampoo_beta
   return (
     kronecker_stats(beta, layout=layout, dtype=stats_dtype, precision=precision),
     eigenbasis_refresh(
@@ -226,7 +243,7 @@ def _kronecker_blocks(
       dtype=stats_dtype if basis_dtype is None else basis_dtype,
       **refresh_options,
     ),
-    direction,
+    direction(layout),
   )
 
 
@@ -265,216 +282,85 @@ def _in_parameter_dtypes() -> optax.GradientTransformation:
 # -- the directions: each member's Kronecker blocks ------------------------------------------
 
 
-def _soap_blocks(
-  b1,
-  b2,
-  shampoo_beta,
-  eps,
-  precondition_frequency,
-  max_precond_dim,
-  merge_dims,
-  precondition_1d,
-  normalize_grads,
-  correct_bias,
-  *,
-  block_size,
-  stacked_axes,
-  first_basis,
-  stagger_refresh,
-  stats_dtype,
-  basis_dtype,
-  moment_dtype,
-  mu_dtype,
-  factor_axes,
-  precision,
-  orthonormalization,
-):
-  _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
-  direction = rotated_adam(
-    b1,
-    b2,
-    eps,
-    correct_bias=correct_bias,
-    normalize_grads=normalize_grads,
-    moment_dtype=moment_dtype,
-    mu_dtype=mu_dtype,
-    precision=precision,
-  )
-  return _kronecker_blocks(
-    direction,
-    beta=b2 if shampoo_beta is None else shampoo_beta,
-    layout=_layout(
-      max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes, factor_axes
-    ),
-    precondition_frequency=precondition_frequency,
-    stagger_refresh=stagger_refresh,
-    stats_dtype=stats_dtype,
-    basis_dtype=basis_dtype,
-    precision=precision,
-    orthonormalization=orthonormalization,
-    first_basis=first_basis,
-  )
+# Each member's blocks, from its arguments (its scale_by_*'s ``locals()``): the direction's own
+# arguments by name, the shared ones passed on to _kronecker_blocks.
+
+
+def _soap_blocks(*, b1, b2, eps, normalize_grads, correct_bias, moment_dtype, mu_dtype, **shared):
+  def direction(layout):
+    del layout
+    return rotated_adam(
+      b1,
+      b2,
+      eps,
+      correct_bias=correct_bias,
+      normalize_grads=normalize_grads,
+      moment_dtype=moment_dtype,
+      mu_dtype=mu_dtype,
+      precision=shared["precision"],
+    )
+
+  return _kronecker_blocks(direction, b1=b1, b2=b2, eps=eps, **shared)
 
 
 def _shampoo_blocks(
+  *,
   b1,
   b2,
-  shampoo_beta,
   eps,
-  precondition_frequency,
-  max_precond_dim,
-  merge_dims,
-  precondition_1d,
   exponent,
   trace_scaling,
   grafting,
   graft_eps,
-  *,
   relative_eps,
-  method,
-  refresh_tolerance,
-  max_qr_iterations,
-  block_size,
-  stacked_axes,
-  first_basis,
-  stagger_refresh,
-  stats_dtype,
-  basis_dtype,
   moment_dtype,
   mu_dtype,
-  factor_axes,
-  precision,
-  orthonormalization,
+  **shared,
 ):
-  _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
-  direction = shampoo_precondition(
-    exponent,
-    eps,
-    b1=b1,
-    relative_eps=relative_eps,
-    trace_scaling=trace_scaling,
-    grafting=grafting,
-    graft_b2=b2,
-    graft_eps=graft_eps,
-    moment_dtype=moment_dtype,
-    mu_dtype=mu_dtype,
-    precision=precision,
-  )
-  return _kronecker_blocks(
-    direction,
-    beta=b2 if shampoo_beta is None else shampoo_beta,
-    layout=_layout(
-      max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes, factor_axes
-    ),
-    precondition_frequency=precondition_frequency,
-    stagger_refresh=stagger_refresh,
-    stats_dtype=stats_dtype,
-    basis_dtype=basis_dtype,
-    precision=precision,
-    orthonormalization=orthonormalization,
-    refresh_tolerance=refresh_tolerance,
-    max_qr_iterations=max_qr_iterations,
-    method=method,
-    first_basis=first_basis,
-  )
+  def direction(layout):
+    del layout
+    return shampoo_precondition(
+      exponent,
+      eps,
+      b1=b1,
+      relative_eps=relative_eps,
+      trace_scaling=trace_scaling,
+      grafting=grafting,
+      graft_b2=b2,
+      graft_eps=graft_eps,
+      moment_dtype=moment_dtype,
+      mu_dtype=mu_dtype,
+      precision=shared["precision"],
+    )
+
+  return _kronecker_blocks(direction, b1=b1, b2=b2, eps=eps, **shared)
 
 
-def _eigen_adafactor_blocks(
-  b1,
-  b2,
-  shampoo_beta,
-  eps,
-  precondition_frequency,
-  max_precond_dim,
-  merge_dims,
-  precondition_1d,
-  correct_bias,
-  *,
-  eps2,
-  block_size,
-  stacked_axes,
-  first_basis,
-  stagger_refresh,
-  stats_dtype,
-  basis_dtype,
-  moment_dtype,
-  mu_dtype,
-  factor_axes,
-  precision,
-  orthonormalization,
-):
-  _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
-  layout = _layout(
-    max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes, factor_axes
-  )
-  direction = rotated_adafactor(
-    b1,
-    b2,
-    eps,
-    layout=layout,
-    eps2=eps2,
-    correct_bias=correct_bias,
-    moment_dtype=moment_dtype,
-    mu_dtype=mu_dtype,
-    precision=precision,
-  )
-  return _kronecker_blocks(
-    direction,
-    beta=b2 if shampoo_beta is None else shampoo_beta,
-    layout=layout,
-    precondition_frequency=precondition_frequency,
-    stagger_refresh=stagger_refresh,
-    stats_dtype=stats_dtype,
-    basis_dtype=basis_dtype,
-    precision=precision,
-    orthonormalization=orthonormalization,
-    first_basis=first_basis,
-  )
+def _eigen_adafactor_blocks(*, b1, b2, eps, eps2, correct_bias, moment_dtype, mu_dtype, **shared):
+  def direction(layout):
+    return rotated_adafactor(
+      b1,
+      b2,
+      eps,
+      layout=layout,
+      eps2=eps2,
+      correct_bias=correct_bias,
+      moment_dtype=moment_dtype,
+      mu_dtype=mu_dtype,
+      precision=shared["precision"],
+    )
+
+  return _kronecker_blocks(direction, b1=b1, b2=b2, eps=eps, **shared)
 
 
-def _eshampoo_blocks(
-  b1,
-  b2,
-  shampoo_beta,
-  eps,
-  precondition_frequency,
-  max_precond_dim,
-  merge_dims,
-  precondition_1d,
-  refresh_tolerance,
-  max_qr_iterations,
-  *,
-  block_size,
-  stacked_axes,
-  first_basis,
-  stagger_refresh,
-  stats_dtype,
-  basis_dtype,
-  moment_dtype,
-  mu_dtype,
-  factor_axes,
-  precision,
-  orthonormalization,
-):
-  _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
-  return _kronecker_blocks(
-    eigenvalue_corrected(
-      b1, b2, eps, moment_dtype=moment_dtype, mu_dtype=mu_dtype, precision=precision
-    ),
-    beta=b2 if shampoo_beta is None else shampoo_beta,
-    layout=_layout(
-      max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes, factor_axes
-    ),
-    precondition_frequency=precondition_frequency,
-    stagger_refresh=stagger_refresh,
-    stats_dtype=stats_dtype,
-    basis_dtype=basis_dtype,
-    precision=precision,
-    orthonormalization=orthonormalization,
-    refresh_tolerance=refresh_tolerance,
-    max_qr_iterations=max_qr_iterations,
-    first_basis=first_basis,
-  )
+def _eshampoo_blocks(*, b1, b2, eps, moment_dtype, mu_dtype, **shared):
+  def direction(layout):
+    del layout
+    return eigenvalue_corrected(
+      b1, b2, eps, moment_dtype=moment_dtype, mu_dtype=mu_dtype, precision=shared["precision"]
+    )
+
+  return _kronecker_blocks(direction, b1=b1, b2=b2, eps=eps, **shared)
 
 
 # -- scale_by_*: the directions as optax transformations ------------------------------------
