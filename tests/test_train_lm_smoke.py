@@ -102,7 +102,7 @@ def test_unknown_optimizer_is_rejected():
 
 def test_the_example_offers_every_alias_and_optax_s_baselines():
   assert set(train_lm.SOAP_OPTIMIZERS) == set(aliases.ALIASES)
-  assert set(train_lm.OPTIMIZERS) == set(aliases.ALIASES) | {"adamw", "adafactor"}
+  assert set(train_lm.OPTIMIZERS) == set(aliases.ALIASES) | {"adamw", "adafactor", "muon"}
 
 
 @pytest.mark.parametrize("name", train_lm.OPTIMIZERS)
