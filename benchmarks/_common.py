@@ -338,6 +338,17 @@ def time_jax_steps(
   return compile_time, np.asarray(times), params, state
 
 
+def timed_calls(fn, x, repeats: int) -> np.ndarray:
+  """Seconds of `repeats` calls of the jitted `fn` on `x`, after one untimed (compiling) call."""
+  jax.block_until_ready(fn(x))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(x))
+    times.append(time.perf_counter() - start)
+  return np.asarray(times)
+
+
 def step_summary(times) -> dict[str, float]:
   """Median and mean milliseconds per step, and max/median (the max is the refresh step)."""
   times = np.asarray(times)

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -57,17 +56,6 @@ def power_step(count: int, n: int, seed: int, spread: float, rank: int | None = 
   drift = 1e-3 * jax.random.normal(kq, (count, n, n), jnp.float32)
   basis = _linalg.orthonormalize(u + drift)
   return jax.block_until_ready(jnp.matmul(stat, basis, precision=_linalg.HIGHEST))
-
-
-def timed_calls(fn, x, repeats: int) -> np.ndarray:
-  """Seconds of `repeats` calls of the jitted `fn` on `x`, after one untimed (compiling) call."""
-  jax.block_until_ready(fn(x))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(x))
-    times.append(time.perf_counter() - start)
-  return np.asarray(times)
 
 
 def _fallbacks(result: _linalg.CholeskyQR):
@@ -104,7 +92,7 @@ def strategies(count: int, n: int, seed: int, repeats: int) -> list[list[str]]:
     times = {}
     named = (("library", library), ("batched", batched), ("where", where_all))
     for name, fn in (*named, ("per_matrix", per_matrix)):
-      times[name] = float(timed_calls(jax.jit(fn), stack, repeats).min())
+      times[name] = float(_common.timed_calls(jax.jit(fn), stack, repeats).min())
     rows.append(
       [
         f"{count} × {n}², {failing} failing",
@@ -148,7 +136,7 @@ def main():
       stack = power_step(args.count, n, args.seed, args.spread, rank)
       best = {}
       for name, fn in fns.items():
-        t = timed_calls(fn, stack, args.repeats)
+        t = _common.timed_calls(fn, stack, args.repeats)
         q, fell = fn(stack)
         fell = int(fell)
         best[name] = float(t.min())

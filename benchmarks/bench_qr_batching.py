@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -43,17 +42,6 @@ def power_step_inputs(count: int, n: int, seed: int) -> jax.Array:
   stats = g @ jnp.swapaxes(g, -1, -2) / n
   q, _ = jnp.linalg.qr(jax.random.normal(kq, (count, n, n), jnp.float32))
   return jax.block_until_ready(stats @ q)
-
-
-def timed_calls(fn, x, repeats: int) -> np.ndarray:
-  """Seconds of `repeats` calls of the jitted `fn` on `x`, after one untimed (compiling) call."""
-  jax.block_until_ready(fn(x))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(x))
-    times.append(time.perf_counter() - start)
-  return np.asarray(times)
 
 
 def main():
@@ -77,8 +65,8 @@ def main():
     # "max Q difference" column).
     q_batched, q_looped = batched(stack), looped(stack)
     agree = float(jnp.max(jnp.abs(jnp.abs(q_batched) - jnp.abs(q_looped))))
-    t_batched = timed_calls(batched, stack, args.repeats)
-    t_looped = timed_calls(looped, stack, args.repeats)
+    t_batched = _common.timed_calls(batched, stack, args.repeats)
+    t_looped = _common.timed_calls(looped, stack, args.repeats)
     med_b, med_l = float(np.median(t_batched)), float(np.median(t_looped))
     gflops = args.count * 8 / 3 * n**3 / med_b / 1e9
     record = {
