@@ -484,6 +484,24 @@ def place_batch(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
 
 
+def step_memory(compiled) -> dict[str, int] | None:
+  """XLA's memory plan of a compiled step: its arguments, outputs and temporaries, and the peak.
+
+  The peak counts the arguments, the outputs that do not reuse an argument's buffer (donation)
+  and the temporaries, all live at once: an upper bound of what one step holds. None where the
+  backend gives no plan.
+  """
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None
+  sizes = {
+    name: int(getattr(analysis, f"{name}_size_in_bytes"))
+    for name in ("argument", "output", "alias", "temp")
+  }
+  sizes["peak"] = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]
+  return sizes
+
+
 def memory_per_device(tree) -> dict[str, int]:
   """Bytes of `tree` in all and on its fullest device (replicated arrays count on each)."""
   per_device: collections.Counter = collections.Counter()
@@ -858,6 +876,7 @@ def _train(config: TrainConfig, corpus: lm_data.Corpus | None, mesh) -> TrainRes
   summary.update(
     start_step=start_step,
     compile_time_s=compile_time,
+    train_step_memory=step_memory(train_step),
     eval_time_s=eval_time,
     checkpoint_time_s=checkpoint_time,
     total_time_s=time.perf_counter() - t_start,
