@@ -310,9 +310,19 @@ def count_kernels(lowered, scopes=()) -> tuple[dict[str, int], dict[str, int]]:
   kernels: dict[str, int] = {}
   lines: dict[str, int] = {}
   with tempfile.TemporaryDirectory() as directory:
-    lowered.compile({"xla_dump_to": directory, "xla_dump_hlo_as_text": True})
+    # jax's persistent compilation cache leaves the dump flags out of its key, so a program it
+    # holds would come back compiled with nothing dumped; `xla_dump_large_constants` (which only
+    # changes what a dump prints) is in the key, and makes this a compile of its own.
+    options = {"xla_dump_to": directory, "xla_dump_hlo_as_text": True}
+    lowered.compile({**options, "xla_dump_large_constants": True})
     files = os.listdir(directory)
-    (program,) = [f for f in files if f.endswith(".cpu_after_optimizations.txt")]
+    programs = [f for f in files if f.endswith(".cpu_after_optimizations.txt")]
+    if len(programs) != 1:
+      raise RuntimeError(
+        f"XLA dumped {len(programs)} optimised programs (expected 1): was the executable taken "
+        "from a compilation cache? Count kernels with jax's persistent cache off."
+      )
+    (program,) = programs
     prefix = program.removesuffix("cpu_after_optimizations.txt")
     names = {}
     for line in open(os.path.join(directory, program)).read().splitlines():

@@ -49,7 +49,6 @@ REFERENCE = "soap (default)"
 # The settings docs/hyperparameters.md recommends for a budget: they get the extra seeds.
 RECOMMENDED = (
   REFERENCE,
-  "soap attention both, rest smaller, embeddings none + mu bf16",
   "soap smaller, attention and embeddings both + mu bf16",
   "soap smaller, attention and embeddings both + stats+basis bf16 + mu bf16",
 )
@@ -59,9 +58,7 @@ DEFAULT_SETTINGS = (
   REFERENCE,
   "soap mu bf16",
   "soap smaller",
-  "soap smaller + embeddings none",
   *RECOMMENDED[1:],
-  "soap smaller + stats+basis bf16 + mu bf16",
 )
 
 

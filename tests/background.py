@@ -13,6 +13,8 @@ import subprocess
 import tempfile
 import time
 
+import environment
+
 
 class Background:
   """A command started now, whose result :meth:`wait` collects (as ``subprocess.run`` would)."""
@@ -70,6 +72,6 @@ def take(name: str) -> Background | None:
 
 def mesh_environment() -> dict[str, str]:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["XLA_FLAGS"] = environment.xla_flags("--xla_force_host_platform_device_count=8")
   env["SOAP_OPTAX_MESH_TESTS"] = "1"
   return env

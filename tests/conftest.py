@@ -14,6 +14,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
+
+import environment  # noqa: E402  (tests/environment.py: the compile cache and XLA's flags)
+
+environment.prepare()
+
 import jax  # noqa: E402  (after the environment it reads)
 
 if not hasattr(jax, "enable_x64"):
@@ -33,9 +38,15 @@ collect_ignore.append("multiprocess")  # the workers that tests/test_multiproces
 _BACKGROUND = {"test_mesh.py::test_the_mesh_suite_passes_on_8_simulated_devices": "mesh"}
 
 
-# The contributors' fast subset is `python -m pytest -m "not slow"` (README, "Contributing"): these
-# files start processes, build the docs, train the example or compare long float64 runs.
+# The contributors' fast subset is `python -m pytest -m "not slow"` (README, "Contributing"; about
+# a minute and a half on 2 cores, BUILD_NOTES.md): these files start processes, build the docs,
+# train the example, compare long float64 runs, or sweep every alias over many hard cases, layout
+# rules, optax combinators and orthonormalisations (the whole suite runs them all).
 _SLOW_FILES = {
+  "test_hard_cases.py",
+  "test_factor_rules.py",
+  "test_optax_ecosystem.py",
+  "test_orthonormalization.py",
   "test_mesh.py",
   "test_multiprocess.py",
   "test_docs.py",
@@ -49,9 +60,15 @@ _SLOW_FILES = {
 }
 
 
+# ... but SOAP against its reference stays in the fast subset, once.
+_FAST_IN_SLOW_FILES = {
+  "test_soap_matches_reference.py::test_soap_matches_reference_in_float64[defaults]"
+}
+
+
 def _mark_slow(items):
   for item in items:
-    if item.path.name in _SLOW_FILES:
+    if item.path.name in _SLOW_FILES and item.nodeid.split("tests/")[-1] not in _FAST_IN_SLOW_FILES:
       item.add_marker(pytest.mark.slow)
 
 

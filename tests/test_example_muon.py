@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import environment
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,7 +127,7 @@ def test_muon_on_an_explicit_mesh_steps_as_on_one_device_and_keeps_the_shardings
   env = {
     **os.environ,
     "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "XLA_FLAGS": environment.xla_flags("--xla_force_host_platform_device_count=8"),
   }
   result = subprocess.run(
     [sys.executable, "-c", _MESH_SCRIPT, EXAMPLES],

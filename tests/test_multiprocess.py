@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 
+import environment
 import numpy as np
 import pytest
 
@@ -36,10 +37,6 @@ GROUP_TIMEOUT_S = 900
 RUNTIME_TIMEOUT_S = 5
 # A survivor must exit on its own within this of its partner's death.
 SURVIVOR_BOUND_S = 60
-
-# The test compares numbers across topologies, not speed: the workers' programs are compiled
-# without LLVM's expensive passes (half the compile time, and the same in every process).
-XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def free_port() -> int:
@@ -57,7 +54,7 @@ class Process:
     self.out = os.path.join(directory, f"{name}.pkl")
     self.log = os.path.join(directory, f"{name}.log")
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {XLA_FLAGS}"
+    env["XLA_FLAGS"] = environment.xla_flags(f"--xla_force_host_platform_device_count={devices}")
     env["PYTHONUNBUFFERED"] = "1"
     command = [sys.executable, WORKER, role, "--out", self.out, *map(str, args)]
     with open(self.log, "w") as log:

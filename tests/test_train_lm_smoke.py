@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import aliases
+import environment
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -194,7 +195,7 @@ def test_a_run_on_a_simulated_mesh_trains_with_a_sharded_optimizer_state(tmp_pat
   env = {
     **os.environ,
     "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "XLA_FLAGS": environment.xla_flags("--xla_force_host_platform_device_count=8"),
   }
   flags = {**TINY, "steps": 20, "log_every": 10}
   argv = [TRAIN_LM, "--optimizer=soap", "--mesh=fsdp:4,tp:2", f"--out={tmp_path}", "--noprogress"]

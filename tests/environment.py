@@ -1,0 +1,57 @@
+"""The environment every process of the test suite runs in: one compile cache, XLA's flags.
+
+Set before jax starts (tests/conftest.py calls :func:`prepare` first thing), and handed to every
+process the suite starts (the mesh suite, the multi-process workers, the example's runs, the docs
+build), which inherit the environment or build theirs with :func:`xla_flags`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+# Tests check numbers, not speed, and XLA's compile is most of their time: their programs are
+# compiled without LLVM's optimisation passes. The HLO, its fusions and kernels are XLA's usual
+# ones; only the machine code of each kernel is less optimised (BUILD_NOTES.md: about 40% less
+# compile time, every test passing either way). SOAP_OPTAX_TEST_XLA_OPTIMIZE=1 keeps XLA's
+# default.
+TEST_XLA_FLAGS = (
+  ""
+  if os.environ.get("SOAP_OPTAX_TEST_XLA_OPTIMIZE") == "1"
+  else "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+)
+
+
+def xla_flags(*flags: str) -> str:
+  """``XLA_FLAGS`` for a process the suite starts: ``flags`` plus the tests' own."""
+  own = TEST_XLA_FLAGS.split()
+  return " ".join([f for flag in flags for f in flag.split() if f not in own] + own)
+
+
+def share_compiled_programs() -> None:
+  """One compilation cache for the whole run: an identical program compiles once.
+
+  Many tests build the same optimizer on the same shapes (each oracle comparison, each
+  parametrisation), and jax's persistent cache, keyed by the program and its compile options,
+  hands every later request the executable compiled first. The cache is a directory made for
+  this run (cold at the start, removed when the process that made it exits) and named in the
+  environment, so the processes the suite starts share it. ``SOAP_OPTAX_TEST_COMPILATION_CACHE=0``
+  turns it off; a cache the environment already names is used as it is.
+  """
+  if os.environ.get("SOAP_OPTAX_TEST_COMPILATION_CACHE", "1") == "0":
+    return
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    directory = tempfile.mkdtemp(prefix="soap_optax_tests_xla_")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+  # Every program, however small or quick to compile (jax's defaults skip those under 1 s).
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+
+def prepare() -> None:
+  """The suite's environment, in this process (idempotent; call before jax starts)."""
+  share_compiled_programs()
+  os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""))
