@@ -47,6 +47,8 @@ ATTENTION_BOTH = {"embed": "none", "attn|qkv": "all", "": "smaller"}
 EMBEDDINGS_BOTH = {"embed": "all", "": "smaller"}
 ATTENTION_AND_EMBEDDINGS_BOTH = {"embed|attn|qkv": "all", "": "smaller"}
 BF16 = jnp.bfloat16
+# Blocks of 256 keep both sides of every block; the MLP kernels' blocks keep one side.
+MLP_ONE_SIDED = {"mlp": "smaller"}
 
 # name -> (alias, options): SOAP's memory levers, alone and combined.
 LEVERS = {
@@ -75,6 +77,14 @@ LEVERS = {
   "soap mu bf16": ("soap", dict(mu_dtype=BF16)),
   "soap stats+basis bf16": ("soap", dict(stats_dtype=BF16)),
   "soap block 128": ("soap", dict(block_size=128)),
+  "soap block 256 + stats+basis bf16 + mu bf16": (
+    "soap",
+    dict(block_size=256, stats_dtype=BF16, mu_dtype=BF16),
+  ),
+  "soap block 256, MLP one-sided + stats+basis bf16 + mu bf16": (
+    "soap",
+    dict(block_size=256, factor_axes=MLP_ONE_SIDED, stats_dtype=BF16, mu_dtype=BF16),
+  ),
   "soap smaller + mu bf16": ("soap", dict(factor_axes="smaller", mu_dtype=BF16)),
   "soap smaller + embeddings none": (
     "soap",

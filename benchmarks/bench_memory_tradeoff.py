@@ -49,16 +49,17 @@ REFERENCE = "soap (default)"
 # The settings docs/hyperparameters.md recommends for a budget: they get the extra seeds.
 RECOMMENDED = (
   REFERENCE,
-  "soap smaller, attention and embeddings both + mu bf16",
-  "soap smaller, attention and embeddings both + stats+basis bf16 + mu bf16",
+  "soap block 256 + stats+basis bf16 + mu bf16",
+  "soap block 256, MLP one-sided + stats+basis bf16 + mu bf16",
 )
 DEFAULT_SETTINGS = (
   "adamw",
   "muon",
-  REFERENCE,
+  *RECOMMENDED,
+  "soap smaller, attention and embeddings both + mu bf16",
+  "soap smaller, attention and embeddings both + stats+basis bf16 + mu bf16",
   "soap mu bf16",
   "soap smaller",
-  *RECOMMENDED[1:],
 )
 
 
@@ -201,6 +202,9 @@ def main():
   parser.add_argument("--soap_lr", type=float, default=1e-2)
   parser.add_argument("--max_files", type=int, default=None)
   parser.add_argument("--out", default="runs/memory_tradeoff")
+  parser.add_argument(
+    "--report_only", action="store_true", help="print the table of the runs in --out, run none"
+  )
   args = parser.parse_args()
   unknown = [s for s in args.settings if s not in ("adamw", "muon") and s not in bench_memory.LEVERS]
   if unknown:
@@ -229,7 +233,7 @@ def main():
     if seed in args.seeds or s in RECOMMENDED
   ]
   for setting, seed in plan:
-    if (setting, seed) in done:
+    if (setting, seed) in done or args.report_only:
       continue
     print(f"\n== {setting}, seed {seed}", flush=True)
     runs.append(run_one(train_lm, corpus, params, args, setting, seed))
