@@ -277,7 +277,8 @@ def compile_scaling(depths, d_model, optimizers=("soap",)):
 
   Each depth is measured as a model with one parameter per layer and kernel (AdamW, Muon and the
   optimizers on the same tree) and as a scanned model (its layers stacked on a leading axis:
-  AdamW, and SOAP with ``stacked_axes=1`` on the stack). For each program: the lowering and
+  AdamW, and SOAP with ``stacked_axes=1`` on the stack); each optimizer also with
+  ``group_equal_layouts=True`` (``<name>_grouped``). For each program: the lowering and
   compile times, the operations of the lowered StableHLO and of the compiled HLO (fusions'
   insides included), its arithmetic (dots, custom calls such as QR/eigh, reductions, control
   flow), and the operations per block of the update (``BLOCKS``, by named scope).
@@ -294,6 +295,11 @@ def compile_scaling(depths, d_model, optimizers=("soap",)):
       runs.append(("muon", optax.contrib.muon(1e-3), params))
     runs.append(("alias_wrappers", _wrappers(), params))
     runs += [(name, getattr(soap_optax, name)(), params) for name in optimizers]
+    if "group_equal_layouts" in inspect.signature(soap_optax.soap).parameters:  # 0.3 on
+      runs += [
+        (f"{name}_grouped", getattr(soap_optax, name)(group_equal_layouts=True), params)
+        for name in optimizers
+      ]
     if "stacked_axes" in inspect.signature(soap_optax.soap).parameters:  # not in old versions
       runs += [
         ("adamw_scanned", optax.adamw(1e-3), scanned),
