@@ -24,6 +24,7 @@ Usage:
 
   python benchmarks/bench_sharding.py
   python benchmarks/bench_sharding.py --optimizers soap --modes explicit --num_layers 2
+  python benchmarks/bench_sharding.py --optimizers soap soap_grouped   # grouping on a mesh
   python benchmarks/bench_sharding.py --compile_scaling 1 2 4 8   # compile time vs. model depth
 """
 
@@ -115,6 +116,8 @@ def build(name, block_size):
   if name == "adamw":
     return optax.adamw(1e-3)
   kwargs = {} if block_size is None else {"block_size": block_size}
+  if name.endswith("_grouped"):  # e.g. soap_grouped: the alias with group_equal_layouts=True
+    name, kwargs["group_equal_layouts"] = name.removesuffix("_grouped"), True
   return getattr(soap_optax, name)(**kwargs)
 
 
@@ -158,8 +161,9 @@ def measure(name, mode, block_size, shapes, devices):
   }
   if name != "adamw":
     once = total_refresh_work(shapes, block_size) / devices  # every factor decomposed once
-    share = PER_FACTOR.get(name, 1) * once
-    kind = "eigh" if name == "shampoo" else "qr"
+    base = name.removesuffix("_grouped")
+    share = PER_FACTOR.get(base, 1) * once
+    kind = "eigh" if base == "shampoo" else "qr"
     row["refresh_kind"] = kind
     retry = ("eigh_retry",)  # the eigh retried only when a decomposition fails
     row["refresh_work_vs_share"] = (
