@@ -248,6 +248,50 @@ def test_nnx_optimizer_with_grouping_gives_the_ungrouped_parameters(name):
   assert moved == 6
 
 
+# -- an ungrouped state read into the grouped layout -------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_an_ungrouped_state_continues_identically_after_group_state(name):
+  """Four ungrouped steps (a refresh at update 3), the state regrouped, then three more steps:
+  the grouped chain from the regrouped state makes the ungrouped chain's updates."""
+  kwargs = dict(learning_rate=1.0, weight_decay=0.0, precondition_frequency=3, block_size=4)
+  if name == "shampoo":
+    kwargs["b1"] = 0.9  # Shampoo keeps a first moment only when it filters the gradient
+  alone, grouped = ALIASES[name](**kwargs), ALIASES[name](group_equal_layouts=True, **kwargs)
+  rng = np.random.default_rng(4)
+  params = _arrays(rng)
+  state = alone.init(params)
+  for _ in range(4):
+    _, state = jax.jit(alone.update)(_arrays(rng), state, params)
+  regrouped = soap_optax.group_state(
+    state, params, soap_optax.LayoutRule(block_size=4, group_equal_layouts=True)
+  )
+  template = grouped.init(params)
+  assert jax.tree.structure(regrouped) == jax.tree.structure(template)
+  for ours, want in zip(jax.tree.leaves(regrouped), jax.tree.leaves(template), strict=True):
+    assert (ours.shape, ours.dtype) == (want.shape, want.dtype)
+  compared = 0
+  for _ in range(3):
+    grads = _arrays(rng)
+    want, state = jax.jit(alone.update)(grads, state, params)
+    ours, regrouped = jax.jit(grouped.update)(grads, regrouped, params)
+    for (path, u), w in zip(
+      jax.tree_util.tree_flatten_with_path(ours)[0], jax.tree.leaves(want), strict=True
+    ):
+      bf16 = tuple(k.key for k in path) == BFLOAT16
+      rtol, atol = (2**-7, 1e-6) if bf16 else (1e-5, 1e-6)
+      assert_close(u, w, rtol=rtol, atol=atol, err_msg=f"{name} {path}")
+      compared += int(np.any(np.asarray(w) != 0))
+  assert compared == 3 * 8
+
+
+def test_group_state_needs_a_grouping_rule():
+  params = {"a": jnp.ones((3, 2))}
+  with pytest.raises(ValueError, match="group_equal_layouts=True"):
+    soap_optax.group_state(soap_optax.soap().init(params), params, soap_optax.LayoutRule())
+
+
 # -- a chain that does not share the rule -------------------------------------------------------
 
 
