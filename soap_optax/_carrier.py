@@ -75,7 +75,7 @@ class KroneckerUpdate:
     eigenvalues: per axis, eigenvalue estimates matching the columns of ``basis``.
     refreshed: per axis, ``(num_blocks,)`` bools: whether ``next_basis`` differs from ``basis``.
     layout: the static :class:`~soap_optax.FactorLayout` of the parameter.
-    dtype: the parameter's (gradient's) dtype, which the final update is cast back to.
+    dtype: the parameter's (gradient's) dtype; for a group, its members' compute dtype.
     name: the parameter's path in the tree (``"layers/0/kernel"``), which keys its factors; for
       a group, the group's name (see :func:`parameter_groups`).
     spec: the gradient's sharding under explicit sharding, else None.

@@ -248,6 +248,27 @@ def test_nnx_optimizer_with_grouping_gives_the_ungrouped_parameters(name):
   assert moved == 6
 
 
+def test_diagnostics_of_a_grouped_state_report_each_parameter_given_params_and_rule():
+  kwargs = dict(learning_rate=1e-2, precondition_frequency=3, block_size=4)
+  rule = soap_optax.LayoutRule(block_size=4, group_equal_layouts=True)
+  reports = []
+  for tx in (soap_optax.soap(**kwargs), soap_optax.soap(group_equal_layouts=True, **kwargs)):
+    rng = np.random.default_rng(5)
+    params = _arrays(rng)
+    state = tx.init(params)
+    for _ in range(4):
+      _, state = jax.jit(tx.update)(_arrays(rng), state, params)
+    reports.append(soap_optax.diagnostics(state, params, rule))
+  reports.append(soap_optax.diagnostics(state))  # the grouped state, reported per group
+  alone, grouped, per_group = (r.factors for r in reports)
+  assert "attn/k+2:0" in per_group and "attn/k+2:0" not in grouped
+  assert sorted(grouped) == sorted(alone) and "attn/v:0" in grouped
+  for key, want in alone.items():
+    for field, ours, expected in zip(want._fields, grouped[key], want, strict=True):
+      assert ours.shape == expected.shape, (key, field)
+      assert_close(ours, expected, rtol=1e-4, atol=1e-6, err_msg=f"{key} {field}")
+
+
 # -- an ungrouped state read into the grouped layout -------------------------------------------
 
 
