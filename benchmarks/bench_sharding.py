@@ -24,6 +24,7 @@ Usage:
 
   python benchmarks/bench_sharding.py
   python benchmarks/bench_sharding.py --optimizers soap --modes explicit --num_layers 2
+  python benchmarks/bench_sharding.py --optimizers soap soap_grouped   # grouping on a mesh
   python benchmarks/bench_sharding.py --compile_scaling 1 2 4 8   # compile time vs. model depth
 """
 
@@ -115,6 +116,8 @@ def build(name, block_size):
   if name == "adamw":
     return optax.adamw(1e-3)
   kwargs = {} if block_size is None else {"block_size": block_size}
+  if name.endswith("_grouped"):  # e.g. soap_grouped: the alias with group_equal_layouts=True
+    name, kwargs["group_equal_layouts"] = name.removesuffix("_grouped"), True
   return getattr(soap_optax, name)(**kwargs)
 
 
@@ -158,8 +161,9 @@ def measure(name, mode, block_size, shapes, devices):
   }
   if name != "adamw":
     once = total_refresh_work(shapes, block_size) / devices  # every factor decomposed once
-    share = PER_FACTOR.get(name, 1) * once
-    kind = "eigh" if name == "shampoo" else "qr"
+    base = name.removesuffix("_grouped")
+    share = PER_FACTOR.get(base, 1) * once
+    kind = "eigh" if base == "shampoo" else "qr"
     row["refresh_kind"] = kind
     retry = ("eigh_retry",)  # the eigh retried only when a decomposition fails
     row["refresh_work_vs_share"] = (
@@ -277,7 +281,8 @@ def compile_scaling(depths, d_model, optimizers=("soap",)):
 
   Each depth is measured as a model with one parameter per layer and kernel (AdamW, Muon and the
   optimizers on the same tree) and as a scanned model (its layers stacked on a leading axis:
-  AdamW, and SOAP with ``stacked_axes=1`` on the stack). For each program: the lowering and
+  AdamW, and SOAP with ``stacked_axes=1`` on the stack); each optimizer also with
+  ``group_equal_layouts=True`` (``<name>_grouped``). For each program: the lowering and
   compile times, the operations of the lowered StableHLO and of the compiled HLO (fusions'
   insides included), its arithmetic (dots, custom calls such as QR/eigh, reductions, control
   flow), and the operations per block of the update (``BLOCKS``, by named scope).
@@ -294,6 +299,11 @@ def compile_scaling(depths, d_model, optimizers=("soap",)):
       runs.append(("muon", optax.contrib.muon(1e-3), params))
     runs.append(("alias_wrappers", _wrappers(), params))
     runs += [(name, getattr(soap_optax, name)(), params) for name in optimizers]
+    if "group_equal_layouts" in inspect.signature(soap_optax.soap).parameters:  # 0.3 on
+      runs += [
+        (f"{name}_grouped", getattr(soap_optax, name)(group_equal_layouts=True), params)
+        for name in optimizers
+      ]
     if "stacked_axes" in inspect.signature(soap_optax.soap).parameters:  # not in old versions
       runs += [
         ("adamw_scanned", optax.adamw(1e-3), scanned),

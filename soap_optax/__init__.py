@@ -33,6 +33,7 @@ from soap_optax._eigenbasis import EigenbasisState, Method, eigenbasis_refresh
 from soap_optax._grafting import Grafting
 from soap_optax._layout import FactorAxes, FactorLayout, LayoutRule
 from soap_optax._linalg import MatmulPrecision, Orthonormalization, off_diagonal_ratio
+from soap_optax._regroup import group_state
 from soap_optax._rotated import (
   DirectionRule,
   EigenvalueCorrectedState,
@@ -82,6 +83,7 @@ __all__ = (
   "eigenbasis_refresh",
   "eigenvalue_corrected",
   "eshampoo",
+  "group_state",
   "kronecker_stats",
   "off_diagonal_ratio",
   "rotated_adafactor",

@@ -61,6 +61,11 @@ _SHARED_ARGS = """\
       (see :class:`~soap_optax.LayoutRule`); the other axes stay unrotated, as a long axis does.
       With ``optax.inject_hyperparams``, name a function rule in ``static_args`` (it would be
       taken for a schedule).
+    group_equal_layouts: compute parameters of equal layout (working shape, blocks, factored
+      axes; dtype and sharding) as one stack, so that the compiled update does not grow with the
+      number of parameters (each parameter's update is unchanged). The state is then keyed by
+      group, ``"<first member's path>+<more members>:<axis>"`` (see
+      :class:`~soap_optax.LayoutRule`).
     precision: of the statistics' and rotations' matmuls: ``"highest"`` (full float32, the
       default), ``"high"``/``"default"`` (an accelerator's faster TF32/bf16 passes), or
       ``"bfloat16"`` (operands rounded to bfloat16, float32 accumulation, on every platform).
@@ -167,11 +172,12 @@ def _skip_nonfinite_steps_of_chain(
   def update_fn(updates, state, params=None, **extra_args):
     if _sharding.find_mesh(updates) is not None:
       return on_mesh.update(updates, state, params, **extra_args)
-    with jax.named_scope("skip_nonfinite_steps"):
-      finite = _linalg.all_finite(jax.tree.leaves(updates))
     new_updates, inner = tx.update(updates, state.inner_state, params, **extra_args)
     old = state.inner_state
     with jax.named_scope("skip_nonfinite_steps"):
+      # kronecker_stats has tested the gradients (it counts a skipped step): the flag is read
+      # from its state, so that the gradients are tested once, and per group when it groups.
+      finite = inner[0].skipped == old[0].skipped
       keep = functools.partial(jnp.where, finite)
       new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
       stats = inner[0]._replace(skipped=old[0].skipped)
@@ -192,13 +198,25 @@ def _check_common(b1, b2, shampoo_beta, eps, precondition_frequency) -> None:
 
 
 def _layout(
-  max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes, factor_axes
+  max_precond_dim,
+  merge_dims,
+  precondition_1d,
+  block_size,
+  stacked_axes,
+  factor_axes,
+  group_equal_layouts,
 ) -> LayoutRule:
   if max_precond_dim is None:
     max_precond_dim = _MAX_PRECOND_DIM
   stacked_axes = 0 if stacked_axes is None else stacked_axes
   return LayoutRule(
-    max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes, factor_axes
+    max_precond_dim,
+    merge_dims,
+    precondition_1d,
+    block_size,
+    stacked_axes,
+    factor_axes,
+    group_equal_layouts,
   )
 
 
@@ -216,6 +234,7 @@ def _kronecker_blocks(
   block_size,
   stacked_axes,
   factor_axes,
+  group_equal_layouts,
   stagger_refresh,
   stats_dtype,
   basis_dtype,
@@ -231,7 +250,13 @@ def _kronecker_blocks(
   _checks.check_float_dtype("stats_dtype", stats_dtype)
   _checks.check_float_dtype("basis_dtype", basis_dtype)
   layout = _layout(
-    max_precond_dim, merge_dims, precondition_1d, block_size, stacked_axes, factor_axes
+    max_precond_dim,
+    merge_dims,
+    precondition_1d,
+    block_size,
+    stacked_axes,
+    factor_axes,
+    group_equal_layouts,
   )
   beta = b2 if shampoo_beta is None else shampoo_beta
   return (
@@ -288,7 +313,6 @@ def _in_parameter_dtypes() -> optax.GradientTransformation:
 
 def _soap_blocks(*, b1, b2, eps, normalize_grads, correct_bias, moment_dtype, mu_dtype, **shared):
   def direction(layout):
-    del layout
     return rotated_adam(
       b1,
       b2,
@@ -298,6 +322,7 @@ def _soap_blocks(*, b1, b2, eps, normalize_grads, correct_bias, moment_dtype, mu
       moment_dtype=moment_dtype,
       mu_dtype=mu_dtype,
       precision=shared["precision"],
+      layout=layout,
     )
 
   return _kronecker_blocks(direction, b1=b1, b2=b2, eps=eps, **shared)
@@ -318,7 +343,6 @@ def _shampoo_blocks(
   **shared,
 ):
   def direction(layout):
-    del layout
     return shampoo_precondition(
       exponent,
       eps,
@@ -331,6 +355,7 @@ def _shampoo_blocks(
       moment_dtype=moment_dtype,
       mu_dtype=mu_dtype,
       precision=shared["precision"],
+      layout=layout,
     )
 
   return _kronecker_blocks(direction, b1=b1, b2=b2, eps=eps, **shared)
@@ -355,9 +380,14 @@ def _eigen_adafactor_blocks(*, b1, b2, eps, eps2, correct_bias, moment_dtype, mu
 
 def _eshampoo_blocks(*, b1, b2, eps, moment_dtype, mu_dtype, **shared):
   def direction(layout):
-    del layout
     return eigenvalue_corrected(
-      b1, b2, eps, moment_dtype=moment_dtype, mu_dtype=mu_dtype, precision=shared["precision"]
+      b1,
+      b2,
+      eps,
+      moment_dtype=moment_dtype,
+      mu_dtype=mu_dtype,
+      precision=shared["precision"],
+      layout=layout,
     )
 
   return _kronecker_blocks(direction, b1=b1, b2=b2, eps=eps, **shared)
@@ -388,6 +418,7 @@ def scale_by_soap(
   moment_dtype: DTypeLike | None = None,
   mu_dtype: DTypeLike | None = None,
   factor_axes: FactorAxes = "all",
+  group_equal_layouts: bool = False,
   precision: MatmulPrecision = "highest",
   orthonormalization: Orthonormalization = "qr",
 ) -> optax.GradientTransformationExtraArgs:
@@ -464,6 +495,7 @@ def scale_by_shampoo(
   moment_dtype: DTypeLike | None = None,
   mu_dtype: DTypeLike | None = None,
   factor_axes: FactorAxes = "all",
+  group_equal_layouts: bool = False,
   precision: MatmulPrecision = "highest",
   orthonormalization: Orthonormalization = "qr",
 ) -> optax.GradientTransformationExtraArgs:
@@ -533,6 +565,7 @@ def scale_by_eigen_adafactor(
   moment_dtype: DTypeLike | None = None,
   mu_dtype: DTypeLike | None = None,
   factor_axes: FactorAxes = "all",
+  group_equal_layouts: bool = False,
   precision: MatmulPrecision = "highest",
   orthonormalization: Orthonormalization = "qr",
 ) -> optax.GradientTransformationExtraArgs:
@@ -593,6 +626,7 @@ def scale_by_eshampoo(
   moment_dtype: DTypeLike | None = None,
   mu_dtype: DTypeLike | None = None,
   factor_axes: FactorAxes = "all",
+  group_equal_layouts: bool = False,
   precision: MatmulPrecision = "highest",
   orthonormalization: Orthonormalization = "qr",
 ) -> optax.GradientTransformationExtraArgs:
@@ -658,6 +692,7 @@ def soap(
   moment_dtype: DTypeLike | None = None,
   mu_dtype: DTypeLike | None = None,
   factor_axes: FactorAxes = "all",
+  group_equal_layouts: bool = False,
   precision: MatmulPrecision = "highest",
   orthonormalization: Orthonormalization = "qr",
 ) -> optax.GradientTransformationExtraArgs:
@@ -747,6 +782,7 @@ def shampoo(
   moment_dtype: DTypeLike | None = None,
   mu_dtype: DTypeLike | None = None,
   factor_axes: FactorAxes = "all",
+  group_equal_layouts: bool = False,
   precision: MatmulPrecision = "highest",
   orthonormalization: Orthonormalization = "qr",
 ) -> optax.GradientTransformationExtraArgs:
@@ -834,6 +870,7 @@ def eigen_adafactor(
   moment_dtype: DTypeLike | None = None,
   mu_dtype: DTypeLike | None = None,
   factor_axes: FactorAxes = "all",
+  group_equal_layouts: bool = False,
   precision: MatmulPrecision = "highest",
   orthonormalization: Orthonormalization = "qr",
 ) -> optax.GradientTransformationExtraArgs:
@@ -907,6 +944,7 @@ def eshampoo(
   moment_dtype: DTypeLike | None = None,
   mu_dtype: DTypeLike | None = None,
   factor_axes: FactorAxes = "all",
+  group_equal_layouts: bool = False,
   precision: MatmulPrecision = "highest",
   orthonormalization: Orthonormalization = "qr",
 ) -> optax.GradientTransformationExtraArgs:

@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from soap_optax._layout import FactorLayout, LayoutRule, from_blocks
+from soap_optax import _sharding
+from soap_optax._layout import FactorLayout, LayoutRule, from_blocks, group_key, stacked_layout
 
 Array = jax.Array
 PerAxis = tuple  # one entry per working axis: an array, or None for an axis without a factor
@@ -47,11 +49,11 @@ PerAxis = tuple  # one entry per working axis: an array, or None for an axis wit
     "eigenvalues",
     "refreshed",
   ],
-  meta_fields=["layout", "dtype", "name", "spec"],
+  meta_fields=["layout", "dtype", "name", "spec", "members"],
 )
 @dataclasses.dataclass(frozen=True)
 class KroneckerUpdate:
-  """One parameter's gradient plus what the Kronecker blocks know about it.
+  """One parameter's gradient (or a group's) plus what the Kronecker blocks know about it.
 
   Every array is in the working layout of :mod:`soap_optax._layout`: the gradient as
   ``(num_blocks, *block_shape)``, each factor as ``(num_blocks, n, n)`` (one per block).
@@ -73,9 +75,13 @@ class KroneckerUpdate:
     eigenvalues: per axis, eigenvalue estimates matching the columns of ``basis``.
     refreshed: per axis, ``(num_blocks,)`` bools: whether ``next_basis`` differs from ``basis``.
     layout: the static :class:`~soap_optax.FactorLayout` of the parameter.
-    dtype: the parameter's (gradient's) dtype, which the final update is cast back to.
-    name: the parameter's path in the tree (``"layers/0/kernel"``), which keys its factors.
+    dtype: the parameter's (gradient's) dtype; for a group, its members' compute dtype.
+    name: the parameter's path in the tree (``"layers/0/kernel"``), which keys its factors; for
+      a group, the group's name (see :func:`parameter_groups`).
     spec: the gradient's sharding under explicit sharding, else None.
+    members: with ``LayoutRule(group_equal_layouts=True)``, the parameters this record stacks,
+      in block order (a group of one parameter has one member); empty without grouping. The
+      record's ``layout`` is then the stack's (:func:`~soap_optax._layout.stacked_layout`).
   """
 
   grad: Array
@@ -91,13 +97,21 @@ class KroneckerUpdate:
   dtype: Any = None
   name: str = ""
   spec: Any = None
+  members: tuple[Member, ...] = ()
 
   def replace(self, **changes) -> KroneckerUpdate:
     return dataclasses.replace(self, **changes)
 
-  def restore(self, working: Array) -> Array:
-    """A working-layout array back in the parameter's shape and dtype."""
-    return from_blocks(working, self.layout).astype(self.dtype)
+  def restore(self, working: Array) -> Array | list[Array]:
+    """A working-layout array back in the parameter's shape; for a group, one per member.
+
+    The dtype is kept (the blocks return updates in the compute dtype).
+    """
+    if not self.members:
+      return from_blocks(working, self.layout)
+    sizes = [m.layout.num_blocks for m in self.members]
+    parts = jnp.split(working, np.cumsum(sizes)[:-1].tolist()) if len(sizes) > 1 else [working]
+    return [from_blocks(x, m.layout) for x, m in zip(parts, self.members, strict=True)]
 
   @property
   def live(self) -> Array:
@@ -106,6 +120,30 @@ class KroneckerUpdate:
     The first call only initialises statistics and bases; a non-finite step is skipped.
     """
     return self.finite & (self.count > 0)
+
+
+class Member(NamedTuple):
+  """One parameter of a group: where it is in the gradient tree, its path and its own layout."""
+
+  index: int  # position among the leaves of the gradient tree
+  name: str
+  layout: FactorLayout
+
+
+@functools.partial(
+  jax.tree_util.register_dataclass, data_fields=["records"], meta_fields=["structure"]
+)
+@dataclasses.dataclass(frozen=True)
+class GroupedRecords:
+  """The records of a grouped chain (one per group) and the gradient tree they came from.
+
+  With grouping, records no longer sit one per parameter, so :func:`~soap_optax.kronecker_stats`
+  passes them on in this container; the last block puts every member's update back in
+  ``structure``, the gradient tree's structure.
+  """
+
+  records: tuple[KroneckerUpdate, ...]
+  structure: Any  # a PyTreeDef (hashable, so it can be static)
 
 
 def is_carrier(x) -> bool:
@@ -180,6 +218,82 @@ def keyed(params, build: Callable[[str, Any], dict[str, Any]]):
   return out
 
 
+class Group(NamedTuple):
+  """A unit of the state: one parameter, or (grouping) the parameters computed as one stack.
+
+  Attributes:
+    name: the key prefix of its state: the parameter's path, or for a group of several the first
+      member's path and how many follow (``"layers/0/kernel+15"``).
+    layout: its working layout (a group's: the stack of its members').
+    dtype: the dtype its state is derived from: the parameter's, or (grouping) the members'
+      compute dtype.
+    spec: its members' sharding under explicit sharding, else None.
+    members: the grouped parameters (empty without grouping).
+  """
+
+  name: str
+  layout: FactorLayout
+  dtype: Any
+  spec: Any
+  members: tuple[Member, ...]
+
+
+def group_name(names: Sequence[str]) -> str:
+  """A group's name: its first member's path, with ``+k`` for the ``k`` members that follow.
+
+  Readable in a checkpoint (it says which parameters the arrays hold) and stable: it changes only
+  when the group's members change, which changes its arrays' shapes anyway. A group of one keeps
+  the parameter's own path, so a parameter whose layout is unique is keyed as without grouping.
+  """
+  return names[0] if len(names) == 1 else f"{names[0]}+{len(names) - 1}"
+
+
+def parameter_groups(tree, rule: LayoutRule) -> list[Group]:
+  """The units the state of ``tree``'s parameters (or gradients) is kept and computed in.
+
+  Without ``rule.group_equal_layouts``, one per parameter, in tree order. With it, parameters of
+  equal :func:`~soap_optax._layout.group_key`, compute dtype and explicit sharding form one group
+  (members in tree order; groups in the order of their first member). Parameters and their
+  gradients give the same groups, so ``init`` and ``update`` agree.
+  """
+  named = named_leaves(tree)
+  if not rule.group_equal_layouts:
+    return [
+      Group(name, rule.layout(x.shape, name), x.dtype, _sharding.spec_of(x), ())
+      for name, x in named
+    ]
+  found: dict[tuple, list[tuple[Member, Any]]] = {}
+  for index, (name, x) in enumerate(named):
+    layout = rule.layout(x.shape, name)
+    spec = _sharding.spec_of(x)
+    key = (group_key(layout), compute_dtype(x.dtype).name, spec)
+    found.setdefault(key, []).append((Member(index, name, layout), spec))
+  groups = []
+  for (_, dtype, _), entries in found.items():
+    members = tuple(member for member, _ in entries)
+    name = group_name([m.name for m in members])
+    layout = stacked_layout([m.layout for m in members])
+    groups.append(Group(name, layout, jnp.dtype(dtype), entries[0][1], members))
+  names = [g.name for g in groups]
+  if len(set(names)) != len(names):
+    raise ValueError(
+      f"Parameter groups {sorted(n for n in names if names.count(n) > 1)} have the same name; "
+      "rename the parameters whose paths end in '+<number>'."
+    )
+  return groups
+
+
+def keyed_groups(params, rule: LayoutRule, build: Callable[[Group], dict[str, Any]]):
+  """:func:`keyed` over the units of :func:`parameter_groups` rather than the parameters."""
+  groups = parameter_groups(params, rule)
+  if not groups:
+    return jnp.zeros((0,), jnp.float32)
+  out = {}
+  for group in groups:
+    out.update(build(group))
+  return out
+
+
 # -- checks --------------------------------------------------------------------------------------
 
 
@@ -219,12 +333,30 @@ def expect_carriers(updates, block: str, needs: str, produced_by: str) -> None:
 
 def check_layout(carrier: KroneckerUpdate, rule: LayoutRule, block: str) -> None:
   """Raises when ``block`` was built with another layout than the statistics it receives."""
-  expected = rule.layout(carrier.layout.shape, carrier.name)
-  if expected != carrier.layout:
+  if bool(carrier.members) != rule.group_equal_layouts:
+    done = "grouped" if carrier.members else "did not group"
     raise ValueError(
-      f"{block} was built with {rule}, which lays out parameter {carrier.name!r} of shape "
-      f"{carrier.layout.shape} as blocks {expected.blocked_shape} (factored "
-      f"{expected.factored}), but kronecker_stats laid it out as {carrier.layout.blocked_shape} "
-      f"(factored {carrier.layout.factored}). Pass the same LayoutRule to every block of the "
-      "chain."
+      f"{block} was built with {rule}, but kronecker_stats {done} the parameters "
+      f"(group_equal_layouts={bool(carrier.members)}). Pass the same LayoutRule to every block "
+      "of the chain."
+    )
+  for name, layout in [(m.name, m.layout) for m in carrier.members] or [
+    (carrier.name, carrier.layout)
+  ]:
+    expected = rule.layout(layout.shape, name)
+    if expected != layout:
+      raise ValueError(
+        f"{block} was built with {rule}, which lays out parameter {name!r} of shape "
+        f"{layout.shape} as blocks {expected.blocked_shape} (factored "
+        f"{expected.factored}), but kronecker_stats laid it out as {layout.blocked_shape} "
+        f"(factored {layout.factored}). Pass the same LayoutRule to every block of the chain."
+      )
+
+
+def check_grouping(updates, rule: LayoutRule | None, block: str) -> None:
+  """Raises when grouped records reach a block that keeps per-parameter state."""
+  if isinstance(updates, GroupedRecords) and (rule is None or not rule.group_equal_layouts):
+    raise ValueError(
+      f"kronecker_stats grouped the parameters (LayoutRule(group_equal_layouts=True)), so "
+      f"{block} must be built with the same rule: pass it as {block}(..., layout=rule)."
     )

@@ -10,8 +10,10 @@ import optax
 from jax.sharding import PartitionSpec
 
 from soap_optax import _linalg, _sharding
+from soap_optax._carrier import factor_key, parameter_groups
 from soap_optax._eigenbasis import EigenbasisState
-from soap_optax._stats import KroneckerStatsState
+from soap_optax._layout import LayoutRule
+from soap_optax._stats import KroneckerStatsState, factor_shapes
 
 
 class FactorDiagnostics(NamedTuple):
@@ -69,7 +71,9 @@ def _factor(stats: jax.Array, basis, eigenvalues, refreshes, iterations) -> Fact
   return FactorDiagnostics(staleness, refreshes, iterations, top, bottom, spread)
 
 
-def diagnostics(state: optax.OptState) -> Diagnostics:
+def diagnostics(
+  state: optax.OptState, params: optax.Params | None = None, layout: LayoutRule | None = None
+) -> Diagnostics:
   """Reads a soap_optax optimizer state and describes each factor's preconditioner.
 
   Works on the state of any alias or hand-built chain of the blocks (it looks for the
@@ -80,6 +84,11 @@ def diagnostics(state: optax.OptState) -> Diagnostics:
 
   Args:
     state: an optimizer state.
+    params: with ``layout``, the parameters of a grouped state
+      (``LayoutRule(group_equal_layouts=True)``): each group's factors are then reported per
+      member parameter (``"<parameter path>:<axis>"``, its own blocks), as without grouping.
+      Without them a grouped state is reported per group (``"<group>:<axis>"``).
+    layout: the chain's :class:`~soap_optax.LayoutRule` (with ``params``).
 
   Returns:
     A :class:`Diagnostics`: per factor, staleness, refresh count, QR iterations at the last
@@ -123,4 +132,25 @@ def diagnostics(state: optax.OptState) -> Diagnostics:
         # A FactorDiagnostics of specs: every result replicated.
         specs = FactorDiagnostics._make([PartitionSpec()] * 6) if mesh is not None else None
         factors[key] = _sharding.relayout(_factor, specs, mesh)(*arrays)
+  if params is not None and layout is not None and layout.group_equal_layouts:
+    factors = _per_parameter(factors, params, layout)
   return Diagnostics(factors, jnp.asarray(skipped, jnp.int32))
+
+
+def _per_parameter(factors: dict, params, layout: LayoutRule) -> dict:
+  """Each group's diagnostics (one entry per block) split into its members' blocks; entries that
+  name no group (an ungrouped state) are kept as they are."""
+  out, split = {}, set()
+  for group in parameter_groups(params, layout):
+    start = 0
+    for member in group.members:
+      size = member.layout.num_blocks
+      for axis in factor_shapes(group.layout):
+        key = factor_key(group.name, axis)
+        if key in factors:
+          part = jax.tree.map(lambda x, s=start, n=size: x[s : s + n], factors[key])
+          out[factor_key(member.name, axis)] = part
+          split.add(key)
+      start += size
+  out.update({k: v for k, v in factors.items() if k not in split and k not in out})
+  return out

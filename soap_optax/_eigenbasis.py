@@ -28,8 +28,7 @@ from soap_optax._carrier import (
   expect_carriers,
   factor_key,
   is_carrier,
-  keyed,
-  named_leaves,
+  keyed_groups,
   storage_dtype,
 )
 from soap_optax._layout import LayoutRule
@@ -44,8 +43,9 @@ _KEEP, _RECOMPUTE = 0, 1
 class EigenbasisState(NamedTuple):
   """State of :func:`eigenbasis_refresh`.
 
-  Each field is a dict keyed like the statistics (``"<parameter path>:<working axis>"``), with
-  one entry per block of the parameter.
+  Each field is a dict keyed like the statistics (``"<parameter path>:<working axis>"``, or the
+  group's name with ``LayoutRule(group_equal_layouts=True)``), with one entry per block of the
+  parameter (of every member of the group, one after another).
 
   Attributes:
     basis: the orthonormal bases ``Q_k``, ``(num_blocks, n, n)`` (identity before the first
@@ -205,11 +205,48 @@ def _guarded(result: Eigenbasis, basis, estimates) -> Eigenbasis:
 
 
 class _Unit(NamedTuple):
-  """One factor of one parameter (all its blocks): the unit the state is keyed by."""
+  """One factor of one record, or of one member of a group: what is refreshed together.
+
+  The state is keyed by ``key`` (the record's factor); the unit holds its blocks
+  ``start : start + size``: all of them, or (a group with ``stagger``) one member's, so that each
+  parameter keeps the phase it would have alone.
+  """
 
   key: str
   carrier: KroneckerUpdate
   axis: int
+  start: int
+  size: int
+  rank: int  # position in the order of the parameters' factors (the stagger's tie-break)
+
+  @property
+  def whole(self) -> bool:
+    return self.size == self.carrier.layout.num_blocks
+
+  def part(self, x):
+    """The unit's blocks of one of its record's per-block arrays."""
+    return x if self.whole else x[self.start : self.start + self.size]
+
+
+def _units(carriers: Sequence[KroneckerUpdate], config: RefreshConfig) -> list[_Unit]:
+  """Every factor's unit, in the order of the parameters' factors (tree order, then axis)."""
+  units = []
+  for c in carriers:
+    split = config.stagger and len(c.members) > 1
+    starts = np.cumsum([0] + [m.layout.num_blocks for m in c.members])
+    for axis, n in enumerate(c.layout.factor_sizes):
+      if n is None:
+        continue
+      key = factor_key(c.name, axis)
+      if not split:
+        first = c.members[0].index if c.members else len(units)
+        units.append(_Unit(key, c, axis, 0, c.layout.num_blocks, first))
+        continue
+      for i, m in enumerate(c.members):
+        units.append(_Unit(key, c, axis, int(starts[i]), m.layout.num_blocks, m.index))
+  # Grouped records list their members' factors group by group; the stagger balances them in
+  # the order the parameters' factors have without grouping, so that each gets the same phase.
+  return sorted(units, key=lambda u: (u.rank, u.axis)) if config.stagger else units
 
 
 def _phases(units: Sequence[_Unit], config: RefreshConfig) -> list[int]:
@@ -219,7 +256,7 @@ def _phases(units: Sequence[_Unit], config: RefreshConfig) -> list[int]:
   frequency = config.precondition_frequency
   assert isinstance(frequency, int), "stagger needs a static frequency (RefreshConfig checks)"
   load, phases = [0] * frequency, [0] * len(units)
-  costs = [u.carrier.layout.num_blocks * u.carrier.layout.block_shape[u.axis] ** 3 for u in units]
+  costs = [u.size * u.carrier.layout.block_shape[u.axis] ** 3 for u in units]
   for i in sorted(range(len(units)), key=lambda i: -costs[i]):  # stable: ties in tree order
     phase = min(range(frequency), key=load.__getitem__)
     phases[i] = phase
@@ -228,12 +265,12 @@ def _phases(units: Sequence[_Unit], config: RefreshConfig) -> list[int]:
 
 
 def _padding(unit: _Unit, dtype) -> np.ndarray:
-  """``(num_blocks, n)``: 1 on the zero padding of ragged blocks, else 0."""
+  """``(size, n)``: 1 on the zero padding of the unit's ragged blocks, else 0."""
   layout = unit.carrier.layout
   padding = layout.padding(unit.axis)
   if padding is None:
-    return np.zeros((layout.num_blocks, layout.block_shape[unit.axis]), dtype)
-  return padding.astype(dtype)
+    return np.zeros((unit.size, layout.block_shape[unit.axis]), dtype)
+  return unit.part(padding).astype(dtype)
 
 
 def _decompose_stack(is_first, units, stats, bases, estimates, starts, config, mesh):
@@ -307,7 +344,7 @@ def _split_points(group: Sequence[_Unit], mesh) -> list | None:
   """
   if mesh is not None:
     return None
-  sizes = [u.carrier.layout.num_blocks for u in group]
+  sizes = [u.size for u in group]
   starts = np.cumsum(sizes) - sizes
   return lax.optimization_barrier([jnp.asarray(s, jnp.int32) for s in starts])
 
@@ -425,17 +462,17 @@ def eigenbasis_refresh(
     mesh = _sharding.find_mesh(params)
 
     def per_factor(make):
-      def build(name, p):
-        dt = storage_dtype(p.dtype, dtype)
+      def build(group):
+        dt = storage_dtype(group.dtype, dtype)
         out = {}
-        for axis, shape in factor_shapes(rule.layout(p.shape, name)).items():
+        for axis, shape in factor_shapes(group.layout).items():
           x = make(shape, dt)
-          out[factor_key(name, axis)] = _sharding.constrain(
+          out[factor_key(group.name, axis)] = _sharding.constrain(
             x, _sharding.spread(x.shape, mesh), mesh
           )
         return out
 
-      return keyed(params, build)
+      return keyed_groups(params, rule, build)
 
     with _sharding.using(mesh):
       return EigenbasisState(
@@ -449,19 +486,13 @@ def eigenbasis_refresh(
     del params
     expect_carriers(updates, "eigenbasis_refresh", "stats", "kronecker_stats")
     mesh = _sharding.find_mesh(updates)
-    named = named_leaves(updates, is_leaf=is_carrier)
-    for _, carrier in named:
+    carriers = jax.tree.leaves(updates, is_leaf=is_carrier)
+    for carrier in carriers:
       check_layout(carrier, rule, "eigenbasis_refresh")
-    units = [
-      _Unit(factor_key(c.name, axis), c, axis)
-      for _, c in named
-      for axis, n in enumerate(c.layout.factor_sizes)
-      if n is not None
-    ]
+    units = _units(carriers, config)
     if not units:  # nothing factored: the records get empty per-axis fields
-      carriers = [_fill(carrier, {}) for _, carrier in named]
       structure: Any = jax.tree.structure(updates, is_leaf=is_carrier)  # PyTreeDef: no stubs
-      return structure.unflatten(carriers), state
+      return structure.unflatten([_fill(carrier, {}) for carrier in carriers]), state
     phases = _phases(units, config)
     results = {}
     with _sharding.using(mesh), jax.default_matmul_precision("float32"):
@@ -471,7 +502,7 @@ def eigenbasis_refresh(
         group = [units[i] for i in members]
         results.update(_refresh_group(group, phase, state, config, mesh))
     with jax.named_scope("refresh_state"):
-      return _assemble(updates, named, units, results, state)
+      return _assemble(updates, carriers, units, results, state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -481,10 +512,10 @@ def _refresh_group(group: Sequence[_Unit], phase: int, state, config, mesh) -> d
   a scheduled refresh)."""
   count, finite = group[0].carrier.count, group[0].carrier.finite
   cdt = group[0].carrier.grad.dtype
-  stats = [u.carrier.stats[u.axis] for u in group]  # type: ignore[index]  # filled by stats
-  bases = [state.basis[u.key].astype(cdt) for u in group]
-  estimates = [state.eigenvalues[u.key].astype(cdt) for u in group]
-  iterations = [state.qr_iterations[u.key] for u in group]
+  stats = [u.part(u.carrier.stats[u.axis]) for u in group]  # type: ignore[index]  # filled
+  bases = [u.part(state.basis[u.key]).astype(cdt) for u in group]
+  estimates = [u.part(state.eigenvalues[u.key]).astype(cdt) for u in group]
+  iterations = [u.part(state.qr_iterations[u.key]) for u in group]
 
   @jax.named_scope("keep")
   def keep(stats, bases, estimates, iterations, is_first, starts):
@@ -516,16 +547,28 @@ def _refresh_group(group: Sequence[_Unit], phase: int, state, config, mesh) -> d
     # automatic regions, which must not close over explicitly typed values.
     starts = _split_points(group, mesh)
     out = lax.switch(index, branches, stats, bases, estimates, iterations, count == 0, starts)
-  return {u.key: r for u, r in zip(group, out, strict=True)}
+  return {(u.key, u.start): r for u, r in zip(group, out, strict=True)}
 
 
-def _assemble(updates, named, units, results, state):
+def _joined(units: Sequence[_Unit], results: dict) -> dict[str, Eigenbasis]:
+  """Per factor key, its units' results in block order (joined when a group was split)."""
+  parts: dict[str, list] = {}
+  for unit in sorted(units, key=lambda u: (u.key, u.start)):
+    parts.setdefault(unit.key, []).append(results[(unit.key, unit.start)])
+  return {
+    key: p[0] if len(p) == 1 else jax.tree.map(lambda *x: jnp.concatenate(x), *p)
+    for key, p in parts.items()
+  }
+
+
+def _assemble(updates, carriers, units, results, state):
   """The new state, and each record with this step's bases and the refreshed ones."""
   fields = [dict(_as_dict(f)) for f in state]
   basis, eigenvalues, refreshes, iterations = fields
   per_carrier: dict[str, dict] = {}
-  for unit in units:
-    r, old = results[unit.key], state.basis[unit.key]
+  joined = _joined(units, results)
+  for unit in {u.key: u for u in units}.values():
+    r, old = joined[unit.key], state.basis[unit.key]
     basis[unit.key] = r.basis.astype(old.dtype)
     eigenvalues[unit.key] = r.eigenvalues.astype(state.eigenvalues[unit.key].dtype)
     refreshes[unit.key] = state.refreshes[unit.key] + r.refreshed.astype(jnp.int32)
@@ -539,7 +582,7 @@ def _assemble(updates, named, units, results, state):
       state.eigenvalues[unit.key].astype(cdt),
       r.refreshed,
     )
-  carriers = [_fill(carrier, per_carrier.get(name, {})) for name, carrier in named]
+  carriers = [_fill(carrier, per_carrier.get(carrier.name, {})) for carrier in carriers]
   structure: Any = jax.tree.structure(updates, is_leaf=is_carrier)  # PyTreeDef: no stubs
   new_updates = structure.unflatten(carriers)
   return new_updates, EigenbasisState(basis, eigenvalues, refreshes, iterations)

@@ -189,6 +189,38 @@ def from_blocks(x: jax.Array, layout: FactorLayout) -> jax.Array:
   return x.reshape(layout.shape)
 
 
+def group_key(layout: FactorLayout) -> tuple:
+  """What parameters must share to be computed as one stack: equal blocks, equally factored.
+
+  Two parameters with equal working shape, block shape and factored axes have blocks of the same
+  shape, padded in the same places, so their working layouts concatenate along the block axis
+  into the working layout of a stack of both (:func:`stacked_layout`).
+  """
+  return (layout.working_shape, layout.block_shape, layout.factored)
+
+
+def stacked_layout(layouts: Sequence[FactorLayout]) -> FactorLayout:
+  """The layout of parameters of one :func:`group_key` concatenated along the block axis.
+
+  It is the layout of a stack of their slices (``stack_shape = (total slices,)``): blocks in the
+  members' order, slice after slice, each slice's padding where it was, so every property that
+  the blocks read (``num_blocks``, ``padding``, ``real_counts``) is the members' concatenated.
+  A single layout is returned as it is.
+  """
+  if len(layouts) == 1:
+    return layouts[0]
+  first = layouts[0]
+  assert all(group_key(lay) == group_key(first) for lay in layouts), "one group key"
+  slices = sum(lay.num_slices for lay in layouts)
+  return FactorLayout(
+    (slices, *first.working_shape),
+    first.working_shape,
+    first.factored,
+    first.block_shape,
+    (slices,),
+  )
+
+
 # Which working axes of a parameter carry a factor, among those the other settings allow.
 FactorChoice = Literal["all", "smaller", "larger", "none"] | tuple[int, ...]
 # A choice for every parameter, or one decided per parameter from its path and shape.
@@ -292,6 +324,14 @@ class LayoutRule:
       ``"all"``. A key that matches no parameter of the tree given to ``init`` is an error (a
       misspelt name would otherwise change nothing): with ``optax.partition``, give each part's
       rule only the keys of its own parameters.
+    group_equal_layouts: compute parameters whose working layouts are equal together, as one
+      stack: parameters with the same working shape, block shape and factored axes (and compute
+      dtype, and sharding under explicit sharding) are concatenated along the block axis, so
+      statistics, refreshes, rotations and moments run once per *group* and the compiled update
+      stops growing with the number of parameters (a model written layer by layer then compiles
+      like one scanned with ``stacked_axes``). Each parameter's update is exactly what it would
+      be alone. The state is then keyed by group (see :func:`~soap_optax.kronecker_stats`), and
+      every block of the chain must be built with the same rule.
 
   Examples:
     >>> import soap_optax
@@ -316,6 +356,7 @@ class LayoutRule:
   block_size: int | None = None
   stacked_axes: int = 0
   factor_axes: FactorAxes = "all"
+  group_equal_layouts: bool = False
 
   def __post_init__(self):
     object.__setattr__(

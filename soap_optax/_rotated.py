@@ -17,17 +17,21 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 from jax.typing import DTypeLike
 
 from soap_optax import _checks, _sharding
 from soap_optax._carrier import (
+  GroupedRecords,
   KroneckerUpdate,
+  check_grouping,
   check_layout,
   expect_carriers,
   is_carrier,
   keyed,
+  keyed_groups,
   storage_dtype,
 )
 from soap_optax._layout import FactorLayout, LayoutRule, from_blocks, to_blocks
@@ -40,6 +44,7 @@ from soap_optax._linalg import (
   matmul_settings,
   mode_product,
 )
+from soap_optax._stats import group_spec
 
 Array = jax.Array
 
@@ -63,7 +68,8 @@ class Moment(NamedTuple):
     shape: ``None`` for a moment shaped like its parameter (stored like it, so it is sharded
       like it); otherwise a function from the parameter's layout to the moment's shape in the
       working layout, or to None when the parameter has no such moment (such moments are kept in
-      a flat dict keyed by parameter path).
+      a flat dict keyed by parameter path). With ``LayoutRule(group_equal_layouts=True)`` every
+      moment is kept in a flat dict keyed by group, in the group's working layout.
   """
 
   name: str
@@ -165,7 +171,9 @@ def eigenbasis_optimizer(
     moment_dtype: storage dtype of the moments (default: float32, float64 for float64 params).
     moment_dtypes: per moment name, a storage dtype that overrides ``moment_dtype`` (``None``
       values are ignored); e.g. ``{"mu": jnp.bfloat16}`` for optax's ``mu_dtype``.
-    layout: the composition's rule; needed only for moments with a ``shape`` (and then checked).
+    layout: the composition's rule; needed for moments with a ``shape`` and with grouping (and
+      then checked). With ``LayoutRule(group_equal_layouts=True)`` every moment is kept in a
+      flat dict keyed by group, in the group's working layout.
     needs: the record field that must be filled in before this block.
     precision: of the rotations' matmuls (see :func:`~soap_optax.kronecker_stats`).
 
@@ -202,6 +210,7 @@ def eigenbasis_optimizer(
   kinds = {m.name: m.basis for m in moments}
   overrides = {k: v for k, v in (moment_dtypes or {}).items() if v is not None}
   matmul = matmul_settings(precision)
+  grouped = layout is not None and layout.group_equal_layouts
 
   def init_fn(params):
     def field(moment):
@@ -211,9 +220,13 @@ def eigenbasis_optimizer(
       def zeros(p):
         return jnp.zeros_like(p, dtype=storage_dtype(p.dtype, dtype))
 
+      mesh = _sharding.find_mesh(params)
+      if grouped:
+        assert layout is not None
+        with _sharding.using(mesh):
+          return keyed_groups(params, layout, functools.partial(_group_moment, moment, dtype, mesh))
       if moment.shape is None:
         return jax.tree.map(zeros, params)
-      mesh = _sharding.find_mesh(params)
 
       def build(name, p):
         assert layout is not None, "a moment with a shape of its own needs the layout"
@@ -231,21 +244,28 @@ def eigenbasis_optimizer(
   def update_fn(updates, state, params=None):
     del params
     expect_carriers(updates, block, needs, "eigenbasis_refresh")
+    check_grouping(updates, layout, block)
     mesh = _sharding.find_mesh(updates)
     treedef: Any = jax.tree.structure(updates, is_leaf=is_carrier)  # PyTreeDef: no stubs
     carriers = treedef.flatten_up_to(updates)
-    shaped = [m.name for m in moments if m.shape is None]
+    shaped = [] if grouped else [m.name for m in moments if m.shape is None]
     columns = {name: treedef.flatten_up_to(getattr(state, name)) for name in shaped}
-    by_key = {m.name: getattr(state, m.name) for m in moments if m.shape is not None}
+    by_key = {m.name: getattr(state, m.name) for m in moments if m.name not in shaped}
 
     def update_leaf(i, carrier: KroneckerUpdate):
       if layout is not None:
         check_layout(carrier, layout, block)
       stored = {name: column[i] for name, column in columns.items()}
       stored.update({k: v[carrier.name] for k, v in by_key.items() if carrier.name in v})
-      out_specs = (carrier.spec, {k: _sharding.spec_of(v) for k, v in stored.items()})
+      spec = [carrier.spec] * len(carrier.members) if carrier.members else carrier.spec
+      out_specs = (spec, {k: _sharding.spec_of(v) for k, v in stored.items()})
       step = functools.partial(
-        _step, direction=direction, kinds=kinds, param_shaped=frozenset(shaped), matmul=matmul
+        _step,
+        direction=direction,
+        kinds=kinds,
+        param_shaped=frozenset(shaped),
+        matmul=matmul,
+        split_at_run_time=mesh is None,
       )
       # Every array goes in as an argument: under explicit sharding `step` runs in an automatic
       # region, which must not close over explicitly sharded values.
@@ -261,13 +281,48 @@ def eigenbasis_optimizer(
           {c.name: new[name] for c, (_, new) in zip(carriers, results, strict=True) if name in new}
         )
       fields[name] = old
-    new_updates = treedef.unflatten([update for update, _ in results])
+    if isinstance(updates, GroupedRecords):
+      new_updates = _ungrouped(updates, [update for update, _ in results])
+    else:
+      new_updates = treedef.unflatten([update for update, _ in results])
     return new_updates, state_type(*(fields[m.name] for m in moments))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _step(carrier: KroneckerUpdate, stored: dict, *, direction, kinds, param_shaped, matmul):
+def _group_moment(moment: Moment, dtype, mesh, group) -> dict[str, Array]:
+  """A group's moment, keyed by the group: the parameters' moments in its working layout."""
+  if moment.shape is None:
+    shape, spec = group.layout.blocked_shape, group_spec(group, mesh)
+  else:
+    shape = moment.shape(group.layout)
+    if shape is None:
+      return {}
+    spec = None
+  spec = spec if spec is not None else _sharding.spread(shape, mesh)
+  x = jnp.zeros(shape, storage_dtype(group.dtype, dtype))
+  return {group.name: _sharding.constrain(x, spec, mesh)}
+
+
+def _ungrouped(updates: GroupedRecords, per_record: list) -> Any:
+  """The members' updates (a list per record) put back in the gradient tree's structure."""
+  leaves: list = [None] * updates.structure.num_leaves
+  for record, parts in zip(updates.records, per_record, strict=True):
+    for member, part in zip(record.members, parts, strict=True):
+      leaves[member.index] = part
+  return updates.structure.unflatten(leaves)
+
+
+def _step(
+  carrier: KroneckerUpdate,
+  stored: dict,
+  *,
+  direction,
+  kinds,
+  param_shaped,
+  matmul,
+  split_at_run_time=False,
+):
   """One parameter's step: to the working layout, the rule, the moment transfer, and back."""
   layout, cdt = carrier.layout, carrier.grad.dtype
   shaped = {k: k in param_shaped for k in stored}
@@ -284,9 +339,37 @@ def _step(carrier: KroneckerUpdate, stored: dict, *, direction, kinds, param_sha
     back[k] = (from_blocks(v, layout) if shaped[k] else v).astype(stored[k].dtype)
   # The update stays in the compute dtype: a large direction (before the learning rate scales
   # it) would overflow float16; optax.apply_updates casts to the parameter's dtype.
+  if split_at_run_time and len(carrier.members) > 1:
+    return _split_members(carrier, step, live), back
   with jax.named_scope("live_guard"):
     step = jnp.where(live, step, 0)
-  return from_blocks(step, layout), back
+  return carrier.restore(step), back
+
+
+def _split_members(carrier: KroneckerUpdate, step: Array, live: Array) -> list[Array]:
+  """A group's update split into its members' (zero when the step is not live), at offsets
+  that XLA cannot see.
+
+  Sliced at constant offsets, each member's slice fuses into the transforms behind the block
+  (learning rate, decay, skip) as a kernel of its own: one per parameter, the compiled program
+  growing with the model again (16 GPT layers: 197 kernels where 13 do without grouping). Inside
+  a runtime branch the offsets are the branch's operands, so the members of one shape share one
+  kernel, and the transforms behind read whole arrays, as without grouping. Not on a mesh,
+  where a slice at a run-time offset of a divided axis would gather the whole array.
+  """
+  sizes = [m.layout.num_blocks for m in carrier.members]
+  starts = lax.optimization_barrier([jnp.asarray(s, jnp.int32) for s in np.cumsum(sizes) - sizes])
+
+  def split(step, starts):
+    parts = [lax.dynamic_slice_in_dim(step, i, n) for i, n in zip(starts, sizes, strict=True)]
+    return [from_blocks(x, m.layout) for x, m in zip(parts, carrier.members, strict=True)]
+
+  def zeros(step, starts):
+    del starts
+    return [jnp.zeros(m.layout.shape, step.dtype) for m in carrier.members]
+
+  with jax.named_scope("live_guard"):
+    return lax.cond(live, split, zeros, step, starts)
 
 
 def _check_moments(*, b1, b2, eps, moment_dtype, mu_dtype, frozen_b2=False) -> None:
@@ -311,6 +394,9 @@ class RotatedAdamState(NamedTuple):
   Attributes:
     mu: first moment, held in the current eigenbasis, in the parameters' shapes.
     nu: second moment, held in the current eigenbasis, in the parameters' shapes.
+
+  With ``LayoutRule(group_equal_layouts=True)`` every field is instead a flat dict keyed by group
+  (as the statistics are), each entry in the group's working layout ``(num_blocks, *block)``.
   """
 
   mu: optax.Updates
@@ -334,6 +420,7 @@ def rotated_adam(
   moment_dtype: DTypeLike | None = None,
   mu_dtype: DTypeLike | None = None,
   precision: MatmulPrecision = "highest",
+  layout: LayoutRule | None = None,
 ) -> optax.GradientTransformation:
   """Adam in the eigenbasis of the Kronecker factors: SOAP's update direction.
 
@@ -367,6 +454,8 @@ def rotated_adam(
     precision: of the rotations' matmuls: ``"highest"`` (the default), ``"high"``,
       ``"default"``, ``"bfloat16"`` or a ``jax.lax.Precision`` (see
       :func:`~soap_optax.kronecker_stats`).
+    layout: the :class:`~soap_optax.LayoutRule` of the composition; needed only when it groups
+      parameters (``group_equal_layouts``), whose moments are then kept per group.
 
   Returns:
     An ``optax.GradientTransformation`` placed after :func:`~soap_optax.eigenbasis_refresh`.
@@ -420,6 +509,7 @@ def rotated_adam(
     RotatedAdamState,
     moment_dtype=moment_dtype,
     moment_dtypes={"mu": mu_dtype},
+    layout=layout,
     precision=precision,
   )
 
@@ -436,6 +526,9 @@ class RotatedAdafactorState(NamedTuple):
       the column axis (``keepdims``, working layout), or the full unfactored second moment for
       blocks with fewer than two axes.
     nu_col: per parameter path, the same summed over the row axis (absent for unfactored ones).
+
+  With ``LayoutRule(group_equal_layouts=True)`` every field is instead a flat dict keyed by group
+  (as the statistics are), each entry in the group's working layout ``(num_blocks, *block)``.
   """
 
   mu: optax.Updates
@@ -572,6 +665,9 @@ class EigenvalueCorrectedState(NamedTuple):
   Attributes:
     mu: first moment, in the *parameter* basis.
     nu: corrected eigenvalues ``D``: the moving average of the squared gradient in the eigenbasis.
+
+  With ``LayoutRule(group_equal_layouts=True)`` every field is instead a flat dict keyed by group
+  (as the statistics are), each entry in the group's working layout ``(num_blocks, *block)``.
   """
 
   mu: optax.Updates
@@ -586,6 +682,7 @@ def eigenvalue_corrected(
   moment_dtype: DTypeLike | None = None,
   mu_dtype: DTypeLike | None = None,
   precision: MatmulPrecision = "highest",
+  layout: LayoutRule | None = None,
 ) -> optax.GradientTransformation:
   r"""Eigenvalue-corrected Shampoo (EShampoo): Shampoo's eigenbasis with Adam-like eigenvalues.
 
@@ -610,6 +707,8 @@ def eigenvalue_corrected(
     precision: of the rotations' matmuls: ``"highest"`` (the default), ``"high"``,
       ``"default"``, ``"bfloat16"`` or a ``jax.lax.Precision`` (see
       :func:`~soap_optax.kronecker_stats`).
+    layout: the :class:`~soap_optax.LayoutRule` of the composition; needed only when it groups
+      parameters (``group_equal_layouts``), whose moments are then kept per group.
 
   Returns:
     An ``optax.GradientTransformation`` placed after :func:`~soap_optax.eigenbasis_refresh`.
@@ -650,5 +749,6 @@ def eigenvalue_corrected(
     EigenvalueCorrectedState,
     moment_dtype=moment_dtype,
     moment_dtypes={"mu": mu_dtype},
+    layout=layout,
     precision=precision,
   )

@@ -11,6 +11,7 @@ from jax.typing import DTypeLike
 
 from soap_optax import _checks, _grafting
 from soap_optax._grafting import Grafting
+from soap_optax._layout import LayoutRule
 from soap_optax._linalg import MatmulPrecision, debias
 from soap_optax._rotated import Moment, eigenbasis_optimizer
 
@@ -23,6 +24,9 @@ class ShampooPreconditionState(NamedTuple):
       ``optax.EmptyState()`` when ``b1`` is 0.
     graft_nu: the grafted optimizer's second moment in the parameter basis, or
       ``optax.EmptyState()`` when the grafting needs none.
+
+  With ``LayoutRule(group_equal_layouts=True)`` every field is instead a flat dict keyed by group
+  (as the statistics are), each entry in the group's working layout ``(num_blocks, *block)``.
   """
 
   mu: optax.Updates
@@ -74,6 +78,7 @@ def shampoo_precondition(
   moment_dtype: DTypeLike | None = None,
   mu_dtype: DTypeLike | None = None,
   precision: MatmulPrecision = "highest",
+  layout: LayoutRule | None = None,
 ) -> optax.GradientTransformation:
   r"""Preconditions with Shampoo's factors: ``M̂ ×_k (L_k + ε)^(−exponent)``, optionally grafted.
 
@@ -125,6 +130,8 @@ def shampoo_precondition(
     precision: of the rotations' matmuls: ``"highest"`` (the default), ``"high"``,
       ``"default"``, ``"bfloat16"`` or a ``jax.lax.Precision`` (see
       :func:`~soap_optax.kronecker_stats`).
+    layout: the :class:`~soap_optax.LayoutRule` of the composition; needed only when it groups
+      parameters (``group_equal_layouts``), whose moments are then kept per group.
 
   Returns:
     An ``optax.GradientTransformation`` placed after :func:`~soap_optax.eigenbasis_refresh`;
@@ -209,5 +216,6 @@ def shampoo_precondition(
     moment_dtype=moment_dtype,
     moment_dtypes={"mu": mu_dtype},
     needs="eigenvalues",
+    layout=layout,
     precision=precision,
   )

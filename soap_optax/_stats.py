@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -11,11 +12,14 @@ from jax.typing import DTypeLike
 
 from soap_optax import _checks, _linalg, _sharding
 from soap_optax._carrier import (
+  Group,
+  GroupedRecords,
   KroneckerUpdate,
   compute_dtype,
   factor_key,
-  keyed,
+  keyed_groups,
   named_leaves,
+  parameter_groups,
   storage_dtype,
 )
 from soap_optax._layout import FactorLayout, LayoutRule, to_blocks
@@ -27,7 +31,9 @@ class KroneckerStatsState(NamedTuple):
   Attributes:
     count: number of updates made so far (skipped, non-finite steps not counted).
     stats: the factor statistics, keyed ``"<parameter path>:<working axis>"``, each of shape
-      ``(num_blocks, n, n)`` (one ``n × n`` statistic per block of the parameter).
+      ``(num_blocks, n, n)`` (one ``n × n`` statistic per block of the parameter). With
+      ``LayoutRule(group_equal_layouts=True)`` keyed by group instead (``"<first member's
+      path>+<more members>:<working axis>"``), the members' blocks one after another.
     skipped: number of steps skipped because a gradient held a NaN or an Inf.
   """
 
@@ -59,6 +65,24 @@ def working_spec(layout: FactorLayout, spec, mesh):
     if layout.blocked_shape == layout.shape and len(layout.stack_shape) == 1:
       return jax.sharding.PartitionSpec(*spec)
   return _sharding.spread(layout.blocked_shape, mesh)
+
+
+def group_spec(group: Group, mesh):
+  """The sharding of a group's working-layout arrays under explicit sharding.
+
+  A group of unblocked, unmerged parameters keeps their sharding behind the block axis, along
+  which they are concatenated: no data moves to form the group, and none in the rotations.
+  """
+  if len(group.members) <= 1:
+    layout = group.members[0].layout if group.members else group.layout
+    return working_spec(layout, group.spec, mesh)
+  if mesh is None or not _sharding.is_explicit(mesh):
+    return None
+  first = group.members[0].layout
+  if group.spec is not None and first.blocked_shape == (1, *first.shape):
+    spec = tuple(group.spec) + (None,) * (len(first.shape) - len(group.spec))
+    return jax.sharding.PartitionSpec(None, *spec)
+  return _sharding.spread(group.layout.blocked_shape, mesh)
 
 
 def kronecker_stats(
@@ -122,11 +146,11 @@ def kronecker_stats(
   def init_fn(params):
     mesh = _sharding.find_mesh(params)
 
-    def build(name, p):
-      shapes = factor_shapes(rule.layout(p.shape, name))
-      dt = storage_dtype(p.dtype, dtype)
+    def build(group):
+      shapes = factor_shapes(group.layout)
+      dt = storage_dtype(group.dtype, dtype)
       return {
-        factor_key(name, axis): _sharding.constrain(
+        factor_key(group.name, axis): _sharding.constrain(
           jnp.zeros(shape, dt), _sharding.spread(shape, mesh), mesh
         )
         for axis, shape in shapes.items()
@@ -135,19 +159,33 @@ def kronecker_stats(
     rule.check_names([name for name, _ in named_leaves(params)])
     with _sharding.using(mesh):
       zero = jnp.zeros([], jnp.int32)
-      return KroneckerStatsState(zero, keyed(params, build), zero)
+      return KroneckerStatsState(zero, keyed_groups(params, rule, build), zero)
 
   def update_fn(updates, state, params=None):
     del params
     mesh = _sharding.find_mesh(updates)
-    finite = _linalg.all_finite(jax.tree.leaves(updates))
+    leaves = jax.tree.leaves(updates)
+    groups = parameter_groups(updates, rule)
+    inputs = [_members(i, group, leaves) for i, group in enumerate(groups)]
+    grouped = rule.group_equal_layouts
     with _sharding.using(mesh), jax.named_scope("kronecker_stats"):
+      if grouped:
+        # Gathered first and tested as groups: one finiteness test per group, not per parameter.
+        inputs = [
+          [_gathered(group, grads, mesh)] for group, grads in zip(groups, inputs, strict=True)
+        ]
+        finite = _linalg.all_finite([working for (working,) in inputs])
+      else:
+        finite = _linalg.all_finite(leaves)
       results = [
-        _accumulate(name, g, state, finite, beta, rule, mesh, matmul)
-        for name, g in named_leaves(updates)
+        _accumulate(group, grads, state, finite, beta, mesh, matmul, gathered=grouped)
+        for group, grads in zip(groups, inputs, strict=True)
       ]
     structure: Any = jax.tree.structure(updates)  # jaxlib's PyTreeDef has no type stubs
-    carriers = structure.unflatten([c for c, _ in results])
+    if rule.group_equal_layouts:
+      carriers: Any = GroupedRecords(tuple(c for c, _ in results), structure)
+    else:
+      carriers = structure.unflatten([c for c, _ in results])
     stats = dict(state.stats) if hasattr(state.stats, "keys") else state.stats
     for _, new in results:
       stats.update(new)
@@ -158,15 +196,41 @@ def kronecker_stats(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _accumulate(name, g, state, finite, beta, rule, mesh, matmul):
-  """One parameter's statistics update and the record it starts: ``(record, new statistics)``."""
-  layout = rule.layout(g.shape, name)
-  shapes = factor_shapes(layout)
-  keys = {axis: factor_key(name, axis) for axis in shapes}
-  cdt = compute_dtype(g.dtype)
+def _members(i: int, group: Group, leaves: list) -> list:
+  """The gradients the ``i``-th unit of :func:`parameter_groups` holds, in its block order."""
+  if not group.members:  # without grouping, the i-th unit is the i-th parameter
+    return [leaves[i]]
+  return [leaves[m.index] for m in group.members]
 
-  def accumulate(g, finite, *old):
-    working = to_blocks(g.astype(cdt), layout)
+
+def _working(group: Group, grads) -> jax.Array:
+  """A unit's gradients in its working layout (a group's concatenated), in the compute dtype."""
+  cdt = compute_dtype(grads[0].dtype)
+  layouts = [m.layout for m in group.members] or [group.layout]
+  working = [to_blocks(g.astype(cdt), lay) for g, lay in zip(grads, layouts, strict=True)]
+  # Concatenated once, here: every later block computes on the group as on one parameter.
+  return working[0] if len(working) == 1 else jnp.concatenate(working)
+
+
+def _gathered(group: Group, grads, mesh) -> jax.Array:
+  """:func:`_working`, laid out where the group's working arrays live."""
+  return _sharding.relayout(functools.partial(_working, group), group_spec(group, mesh), mesh)(
+    grads
+  )
+
+
+def _accumulate(group: Group, grads, state, finite, beta, mesh, matmul, *, gathered=False):
+  """One unit's statistics update and the record it starts: ``(record, new statistics)``.
+
+  ``grads`` are the unit's gradients, or with ``gathered`` its working array already.
+  """
+  layout = group.layout
+  shapes = factor_shapes(layout)
+  keys = {axis: factor_key(group.name, axis) for axis in shapes}
+  cdt = compute_dtype(grads[0].dtype)
+
+  def accumulate(grads, finite, *old):
+    working = grads[0] if gathered else _working(group, grads)
     new = []
     for axis, s in zip(keys, old, strict=True):
       ema = beta * s.astype(cdt) + (1 - beta) * _linalg.factor_statistic(working, axis, matmul)
@@ -175,9 +239,9 @@ def _accumulate(name, g, state, finite, beta, rule, mesh, matmul):
     return working, new, [n.astype(s.dtype) for n, s in zip(new, old, strict=True)]
 
   specs = [_sharding.spread(shapes[axis], mesh) for axis in keys]
-  out_specs = (working_spec(layout, _sharding.spec_of(g), mesh), specs, specs)
+  out_specs = (group_spec(group, mesh), specs, specs)
   old = [state.stats[key] for key in keys.values()]
-  working, computed, stored = _sharding.relayout(accumulate, out_specs, mesh)(g, finite, *old)
+  working, computed, stored = _sharding.relayout(accumulate, out_specs, mesh)(grads, finite, *old)
   per_axis = dict(zip(keys, computed, strict=True))
   record = KroneckerUpdate(
     grad=working,
@@ -185,8 +249,9 @@ def _accumulate(name, g, state, finite, beta, rule, mesh, matmul):
     finite=finite,
     stats=tuple(per_axis.get(axis) for axis in range(len(layout.working_shape))),
     layout=layout,
-    dtype=g.dtype,
-    name=name,
-    spec=_sharding.spec_of(g),
+    dtype=group.dtype,
+    name=group.name,
+    spec=group.spec,
+    members=group.members,
   )
   return record, dict(zip(keys.values(), stored, strict=True))

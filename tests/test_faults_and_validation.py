@@ -94,6 +94,7 @@ def test_the_invalid_argument_table_covers_every_alias_argument_that_has_a_domai
     "trace_scaling",
     "relative_eps",
     "stagger_refresh",
+    "group_equal_layouts",
     "weight_decay_mask",
   }
   arguments = {a for name in aliases.ALIASES for a in aliases.parameters(name)}
