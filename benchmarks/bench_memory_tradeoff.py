@@ -135,7 +135,8 @@ def summarize(runs: list[dict], num_params: int) -> tuple[list[str], list[list]]
   def mean_curve(rs):
     length = min(len(r["curve"]) for r in rs)
     steps = [step for step, _ in rs[0]["curve"][:length]]
-    return list(zip(steps, np.mean([[v for _, v in r["curve"][:length]] for r in rs], axis=0)))
+    losses = np.mean([[v for _, v in r["curve"][:length]] for r in rs], axis=0)
+    return list(zip(steps, losses, strict=True))
 
   finals = {s: np.array([r["curve"][-1][1] for r in rs]) for s, rs in by_setting.items()}
   target = float(finals[REFERENCE].mean()) if REFERENCE in finals else None
@@ -206,7 +207,9 @@ def main():
     "--report_only", action="store_true", help="print the table of the runs in --out, run none"
   )
   args = parser.parse_args()
-  unknown = [s for s in args.settings if s not in ("adamw", "muon") and s not in bench_memory.LEVERS]
+  unknown = [
+    s for s in args.settings if s not in ("adamw", "muon") and s not in bench_memory.LEVERS
+  ]
   if unknown:
     raise SystemExit(f"unknown settings {unknown}; see bench_memory.LEVERS")
 

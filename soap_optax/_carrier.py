@@ -125,7 +125,7 @@ class KroneckerUpdate:
 class Member(NamedTuple):
   """One parameter of a group: where it is in the gradient tree, its path and its own layout."""
 
-  index: int  # position among the leaves of the gradient tree
+  index: int  # type: ignore[assignment]  # position among the leaves of the gradient tree
   name: str
   layout: FactorLayout
 

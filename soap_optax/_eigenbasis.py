@@ -230,7 +230,7 @@ class _Unit(NamedTuple):
 
 def _units(carriers: Sequence[KroneckerUpdate], config: RefreshConfig) -> list[_Unit]:
   """Every factor's unit, in the order of the parameters' factors (tree order, then axis)."""
-  units = []
+  units: list[_Unit] = []
   for c in carriers:
     split = config.stagger and len(c.members) > 1
     starts = np.cumsum([0] + [m.layout.num_blocks for m in c.members])

@@ -28,7 +28,7 @@ _MOMENT_STATES = (
   ShampooPreconditionState,
 )
 # Moments that are kept in flat dicts keyed by parameter path even without grouping.
-_KEYED_MOMENTS = {RotatedAdafactorState: ("nu_row", "nu_col")}
+_KEYED_MOMENTS: dict[type, tuple[str, ...]] = {RotatedAdafactorState: ("nu_row", "nu_col")}
 
 
 def group_state(state: optax.OptState, params: optax.Params, layout: LayoutRule) -> optax.OptState:
@@ -86,9 +86,7 @@ def _convert(node, groups: list[Group]):
     return EigenbasisState(*(_factors(field, groups) for field in node))
   if isinstance(node, _MOMENT_STATES):
     keyed = _KEYED_MOMENTS.get(type(node), ())
-    return type(node)(
-      *(_moment(getattr(node, f), groups, f in keyed) for f in node._fields)  # type: ignore[attr-defined]
-    )
+    return type(node)(*(_moment(getattr(node, f), groups, f in keyed) for f in node._fields))
   if isinstance(node, tuple) and hasattr(node, "_fields"):  # a NamedTuple: optax's states
     return type(node)(*(_convert(x, groups) for x in node))
   if isinstance(node, (tuple, list)):
