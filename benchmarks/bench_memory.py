@@ -81,6 +81,14 @@ LEVERS = {
     "soap",
     dict(block_size=256, stats_dtype=BF16, mu_dtype=BF16),
   ),
+  "soap block 128 + stats+basis bf16 + moments bf16": (
+    "soap",
+    dict(block_size=128, stats_dtype=BF16, moment_dtype=BF16),
+  ),
+  "soap block 256, embeddings one-sided + stats+basis bf16 + moments bf16": (
+    "soap",
+    dict(block_size=256, factor_axes={"embed": "smaller"}, stats_dtype=BF16, moment_dtype=BF16),
+  ),
   "soap block 256, MLP one-sided + stats+basis bf16 + mu bf16": (
     "soap",
     dict(block_size=256, factor_axes=MLP_ONE_SIDED, stats_dtype=BF16, mu_dtype=BF16),

@@ -50,12 +50,14 @@ REFERENCE = "soap (default)"
 RECOMMENDED = (
   REFERENCE,
   "soap block 256 + stats+basis bf16 + mu bf16",
-  "soap block 256, MLP one-sided + stats+basis bf16 + mu bf16",
+  "soap block 256, embeddings one-sided + stats+basis bf16 + moments bf16",
 )
 DEFAULT_SETTINGS = (
   "adamw",
   "muon",
   *RECOMMENDED,
+  "soap block 128 + stats+basis bf16 + moments bf16",
+  "soap block 256, MLP one-sided + stats+basis bf16 + mu bf16",
   "soap smaller, attention and embeddings both + mu bf16",
   "soap smaller, attention and embeddings both + stats+basis bf16 + mu bf16",
   "soap mu bf16",
