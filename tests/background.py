@@ -1,9 +1,11 @@
-"""Test suites that run in processes of their own, started early so that they overlap the rest.
+"""Work in processes of its own, started early so that it overlaps the in-process tests.
 
 The mesh suite (8 simulated devices, tests/test_mesh.py) needs a fresh interpreter and takes
-minutes. Started when collection ends, it runs beside the in-process tests (2 cores: each gets
-one), and the test that checks it runs last and only waits for its result; the suite's wall time
-becomes about the larger of the two parts rather than their sum.
+minutes; the docs build (tests/test_docs.py) is a Sphinx process that executes the notebooks; the
+multi-process topologies (tests/test_multiprocess.py) are four worker processes. Started when
+collection ends (tests/conftest.py), they run beside the in-process tests, which use one of the
+2 cores, and the tests that check them run last and only collect their results: the suite's wall
+time becomes about the larger of the parts rather than their sum.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import threading
 import time
 
 import environment
@@ -61,11 +64,39 @@ class Background:
     return texts[0], texts[1]
 
 
-# name -> its Background, started by tests/conftest.py for the selected tests that need one.
-STARTED: dict[str, Background] = {}
+class Call:
+  """``fn()`` started now in a thread (work that waits on processes of its own); :meth:`wait`
+  returns its result or raises what it raised."""
+
+  def __init__(self, fn):
+    self._result: list = []
+    self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+    self._thread.start()
+
+  def _run(self, fn):
+    try:
+      self._result.append((True, fn()))
+    except BaseException as error:  # re-raised in the test that waits (pytest.fail included)
+      self._result.append((False, error))
+
+  def wait(self, timeout: float):
+    self._thread.join(timeout)
+    if not self._result:
+      raise TimeoutError(f"background work still running after {timeout} s")
+    ok, value = self._result[0]
+    if not ok:
+      raise value
+    return value
+
+  def stop(self) -> None:
+    """Nothing to stop: the work bounds its processes' time itself."""
 
 
-def take(name: str) -> Background | None:
+# name -> its run, started by tests/conftest.py for the selected tests that need one.
+STARTED: dict[str, Background | Call] = {}
+
+
+def take(name: str) -> Background | Call | None:
   """The background run of ``name`` if one was started (each is used once), else None."""
   return STARTED.pop(name, None)
 

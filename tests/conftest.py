@@ -33,9 +33,12 @@ collect_ignore = [] if os.environ.get("SOAP_OPTAX_MESH_TESTS") else ["mesh"]
 collect_ignore.append("multiprocess")  # the workers that tests/test_multiprocess.py starts
 
 
-# Tests whose work runs in a process of its own, started when collection ends (tests/background.py)
-# and checked last, so that the process runs beside everything else.
-_BACKGROUND = {"test_mesh.py::test_the_mesh_suite_passes_on_8_simulated_devices": "mesh"}
+# Tests whose work runs in processes of its own, started when collection ends (tests/background.py)
+# and checked last, so that the processes run beside everything else.
+_BACKGROUND = {
+  "test_mesh.py::test_the_mesh_suite_passes_on_8_simulated_devices": "mesh",
+  "test_docs.py::test_docs_build_without_warnings_and_notebooks_execute": "docs",
+}
 
 
 # The contributors' fast subset is `python -m pytest -m "not slow"` (README, "Contributing"; about
@@ -47,6 +50,7 @@ _SLOW_FILES = {
   "test_factor_rules.py",
   "test_optax_ecosystem.py",
   "test_orthonormalization.py",
+  "test_grouping.py",
   "test_mesh.py",
   "test_multiprocess.py",
   "test_docs.py",
@@ -60,9 +64,10 @@ _SLOW_FILES = {
 }
 
 
-# ... but SOAP against its reference stays in the fast subset, once.
+# ... but SOAP against its reference, and grouped SOAP against ungrouped, stay in it, once.
 _FAST_IN_SLOW_FILES = {
-  "test_soap_matches_reference.py::test_soap_matches_reference_in_float64[defaults]"
+  "test_soap_matches_reference.py::test_soap_matches_reference_in_float64[defaults]",
+  "test_grouping.py::test_grouped_updates_equal_the_ungrouped_ones_across_refreshes[soap-unblocked]",
 }
 
 
@@ -73,6 +78,8 @@ def _mark_slow(items):
 
 
 def _background_name(item):
+  if item.path.name == "test_multiprocess.py" and "topologies" in item.fixturenames:
+    return "multiprocess"
   return _BACKGROUND.get(item.nodeid.split("tests/")[-1])
 
 
@@ -89,11 +96,18 @@ def pytest_collection_finish(session):
   if session.config.option.collectonly:
     return
   import background
-  import test_mesh
 
+  starts = {
+    "mesh": lambda: __import__("test_mesh").start_mesh_suite(),
+    "docs": lambda: __import__("test_docs").start_docs_build(),
+    "multiprocess": lambda: background.Call(__import__("test_multiprocess").run_topologies),
+  }
   for item in session.items:
-    if _background_name(item) == "mesh" and "mesh" not in background.STARTED:
-      background.STARTED["mesh"] = test_mesh.start_mesh_suite()
+    name = _background_name(item)
+    if name and name not in background.STARTED:
+      started = starts[name]()
+      if started is not None:
+        background.STARTED[name] = started
 
 
 def pytest_sessionfinish():

@@ -11,12 +11,16 @@ Any warning fails it, from the documentation's own pages or from ``soap_optax``'
 
 from __future__ import annotations
 
+import atexit
+import importlib.util
 import os
 import re
-import subprocess
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
+import background
 import pytest
 
 pytestmark = pytest.mark.docs
@@ -44,8 +48,34 @@ def _tail(text: str, lines: int = 60) -> str:
   return "\n".join(text.splitlines()[-lines:])
 
 
+_DEPENDENCIES = ("sphinx", "myst_nb", "sphinx_book_theme", "jupyter_cache", "ipykernel")
+
+
+def start_docs_build(directory: Path | None = None) -> background.Background | None:
+  """Starts the Sphinx build into ``directory`` (a temporary one, removed at exit, if None);
+  None when the docs dependencies are not installed (the test then skips)."""
+  if any(importlib.util.find_spec(module) is None for module in _DEPENDENCIES):
+    return None
+  if directory is None:
+    directory = Path(tempfile.mkdtemp(prefix="soap_optax_docs_"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+  env = dict(os.environ)
+  env.setdefault("OPENBLAS_NUM_THREADS", "1")  # the notebooks set it too; autodoc imports jax here
+  command = [
+    sys.executable, "-m", "sphinx",
+    "-W", "--keep-going",
+    "-b", "html",
+    "-d", str(directory / "doctrees"),
+    "-D", f"nb_execution_cache_path={directory / 'jupyter_cache'}",
+    str(DOCS), str(directory / "html"),
+  ]  # fmt: skip
+  build = background.Background(command, cwd=ROOT, env=env)
+  build.directory = directory
+  return build
+
+
 def test_docs_build_without_warnings_and_notebooks_execute(tmp_path):
-  for module in ("sphinx", "myst_nb", "sphinx_book_theme", "jupyter_cache", "ipykernel"):
+  for module in _DEPENDENCIES:
     pytest.importorskip(module, reason=f"the docs dependencies are not installed ({module})")
   import nbformat
   from jupyter_cache import get_cache
@@ -53,20 +83,10 @@ def test_docs_build_without_warnings_and_notebooks_execute(tmp_path):
   notebooks = sorted(EXAMPLES.glob("*.ipynb"))
   assert notebooks, "no notebook in examples/"
 
-  cache_path = tmp_path / "jupyter_cache"
-  env = dict(os.environ)
-  env.setdefault("OPENBLAS_NUM_THREADS", "1")  # the notebooks set it too; autodoc imports jax here
-  command = [
-    sys.executable, "-m", "sphinx",
-    "-W", "--keep-going",
-    "-b", "html",
-    "-d", str(tmp_path / "doctrees"),
-    "-D", f"nb_execution_cache_path={cache_path}",
-    str(DOCS), str(tmp_path / "html"),
-  ]  # fmt: skip
-  result = subprocess.run(
-    command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
-  )
+  build = background.take("docs") or start_docs_build(tmp_path)
+  assert build is not None
+  cache_path = build.directory / "jupyter_cache"
+  result = build.wait(BUILD_TIMEOUT_S)
   output = result.stdout + "\n" + result.stderr
   problems = _problems(output)
 

@@ -13,14 +13,18 @@ every process's output.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
+import background
 import environment
 import numpy as np
 import pytest
@@ -170,10 +174,12 @@ def relative_difference(actual, expected, start) -> dict[str, float]:
   return out
 
 
-@pytest.fixture(scope="module")
-def topologies(tmp_path_factory):
-  """The 2-process pair, one process with 8 devices and one with 1, run in parallel."""
-  directory = str(tmp_path_factory.mktemp("topologies"))
+def run_topologies(directory: str | None = None) -> dict:
+  """The 2-process pair, one process with 8 devices and one with 1, run in parallel, in
+  ``directory`` (a temporary one, removed at exit, if None); their results by process name."""
+  if directory is None:
+    directory = tempfile.mkdtemp(prefix="soap_optax_multiprocess_")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
   checkpoints = os.path.join(directory, "checkpoints")
 
   def start(port):
@@ -189,6 +195,16 @@ def topologies(tmp_path_factory):
   results = {p.name: p.result() for p in processes}
   assert results["pair0"]["process_count"] == 2
   return results
+
+
+@pytest.fixture(scope="module")
+def topologies(tmp_path_factory):
+  """The topologies' results: from the run tests/conftest.py started when collection ended
+  (tests/background.py), or run now."""
+  started = background.take("multiprocess")
+  if started is not None:
+    return started.wait(3 * GROUP_TIMEOUT_S)
+  return run_topologies(str(tmp_path_factory.mktemp("topologies")))
 
 
 def start_values():
