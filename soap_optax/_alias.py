@@ -197,29 +197,6 @@ def _check_common(b1, b2, shampoo_beta, eps, precondition_frequency) -> None:
   _checks.check_positive_int("precondition_frequency", precondition_frequency)
 
 
-def _layout(
-  max_precond_dim,
-  merge_dims,
-  precondition_1d,
-  block_size,
-  stacked_axes,
-  factor_axes,
-  group_equal_layouts,
-) -> LayoutRule:
-  if max_precond_dim is None:
-    max_precond_dim = _MAX_PRECOND_DIM
-  stacked_axes = 0 if stacked_axes is None else stacked_axes
-  return LayoutRule(
-    max_precond_dim,
-    merge_dims,
-    precondition_1d,
-    block_size,
-    stacked_axes,
-    factor_axes,
-    group_equal_layouts,
-  )
-
-
 def _kronecker_blocks(
   direction: Callable[[LayoutRule], optax.GradientTransformation],
   *,
@@ -249,12 +226,12 @@ def _kronecker_blocks(
   _check_common(b1, b2, shampoo_beta, eps, precondition_frequency)
   _checks.check_float_dtype("stats_dtype", stats_dtype)
   _checks.check_float_dtype("basis_dtype", basis_dtype)
-  layout = _layout(
-    max_precond_dim,
+  layout = LayoutRule(
+    _MAX_PRECOND_DIM if max_precond_dim is None else max_precond_dim,
     merge_dims,
     precondition_1d,
     block_size,
-    stacked_axes,
+    0 if stacked_axes is None else stacked_axes,
     factor_axes,
     group_equal_layouts,
   )

@@ -102,3 +102,13 @@ def assert_trees_equal(actual, expected):
   for x in jax.tree.leaves((actual, expected)):
     _assert_finite(x)
   chex.assert_trees_all_equal(actual, expected)
+
+
+def orbax_round_trip(directory, tree):
+  """``tree`` saved with orbax into ``directory`` and restored against its own shapes."""
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(directory, tree)
+    checkpointer.wait_until_finished()
+    return checkpointer.restore(directory, jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))

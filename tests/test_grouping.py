@@ -11,13 +11,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from aliases import ALIASES
 from flax import nnx
 from oracles import SoapOracle
 from oracles_family import EigenAdafactorOracle, EShampooOracle, ShampooOracle
-from runner import assert_close, assert_trees_equal, assert_updates_close, run_optimizer, run_oracle
+from runner import (
+  assert_close,
+  assert_trees_equal,
+  assert_updates_close,
+  orbax_round_trip,
+  run_optimizer,
+  run_oracle,
+)
 
 import soap_optax
 
@@ -191,12 +197,7 @@ def test_a_grouped_state_survives_an_orbax_save_and_restore(tmp_path):
     grads = _arrays(rng)
     updates, state = step(grads, state, params)
     params = optax.apply_updates(params, updates)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp_path / "state", state)
-    checkpointer.wait_until_finished()
-    restored = checkpointer.restore(
-      tmp_path / "state", jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    )
+  restored = orbax_round_trip(tmp_path / "state", state)
   assert_trees_equal(restored, state)
   assert "attn/k+2:0" in _stats_keys(restored)
   assert_trees_equal(step(grads, restored, params), step(grads, state, params))

@@ -25,7 +25,7 @@ import pytest
 from aliases import ALIAS_PARAMS
 from flax import nnx
 from flax.training import train_state
-from runner import assert_close, assert_equal
+from runner import assert_close, assert_equal, orbax_round_trip
 
 import soap_optax
 
@@ -558,12 +558,7 @@ def test_the_state_of_the_scanned_recipe_survives_an_orbax_save_and_restore(tmp_
     grads["layers"]["bias"], grads["head"] = jnp.asarray(X[i, :3]), jnp.asarray(Y[i, :4])
     updates, state = step(grads, state, params)
     params = optax.apply_updates(params, updates)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp_path / "state", state)
-    checkpointer.wait_until_finished()
-    restored = checkpointer.restore(
-      tmp_path / "state", jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    )
+  restored = orbax_round_trip(tmp_path / "state", state)
   assert_same_params(flat(restored), flat(state))
   after_restore, _ = step(grads, restored, params)
   after_save, _ = step(grads, state, params)
