@@ -44,7 +44,7 @@ _BACKGROUND = {
 # The contributors' fast subset is `python -m pytest -m "not slow"` (README, "Contributing"; about
 # a minute and a half on 2 cores, BUILD_NOTES.md): these files start processes, build the docs,
 # train the example, compare long float64 runs, or sweep every alias over many hard cases, layout
-# rules, optax combinators and orthonormalisations (the whole suite runs them all).
+# rules, optax combinators, orthonormalisations and grouping (the whole suite runs them all).
 _SLOW_FILES = {
   "test_hard_cases.py",
   "test_factor_rules.py",
