@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 from oracles import SoapOracle
-from runner import cumulative_update_errors, run_optimizer, run_oracle
+from runner import XLA_DEFAULTS, cumulative_update_errors, run_optimizer, run_oracle
 
 import soap_optax
 
@@ -63,6 +63,20 @@ def test_soap_matches_reference_in_float64(setting):
   reference = run_oracle(SoapOracle(**hparams), params, grads)
   errors = cumulative_update_errors(params, ours, reference)
   assert max(errors.values()) < 1e-9, errors
+
+
+@pytest.mark.parametrize("dtype, tol, seed", [(jnp.float32, 1e-4, 0), (jnp.float64, 1e-9, 1)])
+def test_soap_compiled_with_xla_defaults_matches_reference(dtype, tol, seed):
+  # The suite compiles with a cheaper code generator than users get (tests/environment.py);
+  # this runs the reference comparison (the seeds of the tests above) through XLA's default one.
+  params, grads = _params_and_grads(seed, SHAPES, STEPS)
+  hparams = SETTINGS["fast_refresh"]
+  with jax.enable_x64(dtype == jnp.float64):
+    tx = soap_optax.soap(**hparams)
+    ours = run_optimizer(tx, params, grads, dtype, compiler_options=XLA_DEFAULTS)
+  reference = run_oracle(SoapOracle(**hparams), params, grads)
+  errors = cumulative_update_errors(params, ours, reference)
+  assert max(errors.values()) < tol, errors
 
 
 def test_soap_with_a_learning_rate_schedule_matches_reference():
