@@ -26,6 +26,8 @@ Usage:
   python benchmarks/bench_sharding.py --optimizers soap --modes explicit --num_layers 2
   python benchmarks/bench_sharding.py --optimizers soap soap_grouped   # grouping on a mesh
   python benchmarks/bench_sharding.py --compile_scaling 1 2 4 8   # compile time vs. model depth
+  python benchmarks/bench_sharding.py --compile_scaling 2 16 \
+    --variants soap:block_size=128,group_equal_layouts=True   # and other settings
 """
 
 from __future__ import annotations
@@ -275,14 +277,15 @@ def program_size(tx, tree, with_blocks: bool = True) -> dict:
   }
 
 
-def compile_scaling(depths, d_model, optimizers=("soap",)):
+def compile_scaling(depths, d_model, optimizers=("soap",), variants=()):
   """Compile time of the jitted update (one device) against the number of layers, and where the
   program's size comes from.
 
   Each depth is measured as a model with one parameter per layer and kernel (AdamW, Muon and the
   optimizers on the same tree) and as a scanned model (its layers stacked on a leading axis:
   AdamW, and SOAP with ``stacked_axes=1`` on the stack); each optimizer also with
-  ``group_equal_layouts=True`` (``<name>_grouped``). For each program: the lowering and
+  ``group_equal_layouts=True`` (``<name>_grouped``), and each of ``variants`` (optimizer specs
+  such as ``soap:block_size=128,group_equal_layouts=True``). For each program: the lowering and
   compile times, the operations of the lowered StableHLO and of the compiled HLO (fusions'
   insides included), its arithmetic (dots, custom calls such as QR/eigh, reductions, control
   flow), and the operations per block of the update (``BLOCKS``, by named scope).
@@ -304,6 +307,7 @@ def compile_scaling(depths, d_model, optimizers=("soap",)):
         (f"{name}_grouped", getattr(soap_optax, name)(group_equal_layouts=True), params)
         for name in optimizers
       ]
+    runs += [(spec, _common.build_optimizer(spec, 1e-3), params) for spec in variants]
     if "stacked_axes" in inspect.signature(soap_optax.soap).parameters:  # not in old versions
       runs += [
         ("adamw_scanned", optax.adamw(1e-3), scanned),
@@ -357,6 +361,12 @@ def main():
   parser.add_argument("--block_size", type=int, default=128)
   _common.add_model_args(parser)
   parser.add_argument("--compile_scaling", type=int, nargs="*", default=None)
+  parser.add_argument(
+    "--variants",
+    nargs="*",
+    default=[],
+    help="with --compile_scaling: more optimizer specs, e.g. soap:block_size=128",
+  )
   _common.add_json_arg(parser)
   args = parser.parse_args()
   args.optimizers_given = "--optimizers" in sys.argv
@@ -364,7 +374,7 @@ def main():
   devices = jax.device_count()
   if args.compile_scaling:
     names = [n for n in args.optimizers if n != "adamw"] if args.optimizers_given else ["soap"]
-    rows = compile_scaling(args.compile_scaling, args.d_model, names)
+    rows = compile_scaling(args.compile_scaling, args.d_model, names, args.variants)
     print()
     print(_scaling_tables(rows))
     if args.json:
