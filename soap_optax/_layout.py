@@ -331,7 +331,9 @@ class LayoutRule:
       stops growing with the number of parameters (a model written layer by layer then compiles
       like one scanned with ``stacked_axes``). Each parameter's update is exactly what it would
       be alone. The state is then keyed by group (see :func:`~soap_optax.kronecker_stats`), and
-      every block of the chain must be built with the same rule.
+      every block of the chain must be built with the same rule. Under automatic sharding on a
+      mesh, updates can come back in another sharding than the parameters' (seen with stacked
+      layers); use explicit sharding, or leave this off there.
 
   Examples:
     >>> import soap_optax
