@@ -10,6 +10,7 @@ itself.
 from __future__ import annotations
 
 import chex
+import environment
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +22,9 @@ import optax
 XLA_DEFAULTS = {
   "xla_backend_optimization_level": 2,
   "xla_llvm_disable_expensive_passes": False,
-  "xla_cpu_use_fusion_emitters": True,
+  **(
+    {"xla_cpu_use_fusion_emitters": True} if "fusion_emitters" in environment.TEST_XLA_FLAGS else {}
+  ),
 }
 
 
