@@ -254,7 +254,11 @@ def parameter_groups(tree, rule: LayoutRule) -> list[Group]:
   Without ``rule.group_equal_layouts``, one per parameter, in tree order. With it, parameters of
   equal :func:`~soap_optax._layout.group_key`, compute dtype and explicit sharding form one group
   (members in tree order; groups in the order of their first member). Parameters and their
-  gradients give the same groups, so ``init`` and ``update`` agree.
+  gradients give the same groups, so ``init`` and ``update`` agree. Under automatic sharding on
+  several devices a traced parameter's type does not say how it is divided, so nothing can tell
+  equally divided parameters apart: there each parameter is a group of its own, and ``init``
+  places its arrays as the parameter is placed (grouped arrays spread over the mesh let XLA hand
+  the update back in their layout, not the parameter's).
   """
   named = named_leaves(tree)
   if not rule.group_equal_layouts:
@@ -266,10 +270,12 @@ def parameter_groups(tree, rule: LayoutRule) -> list[Group]:
   for index, (name, x) in enumerate(named):
     layout = rule.layout(x.shape, name)
     spec = _sharding.spec_of(x)
-    key = (group_key(layout), compute_dtype(x.dtype).name, spec)
-    found.setdefault(key, []).append((Member(index, name, layout), spec))
+    alone = _sharding.sharding_unknown(x)
+    key = (group_key(layout), compute_dtype(x.dtype).name, spec, index if alone else None)
+    placed = _sharding.placed_spec(x) if alone else spec
+    found.setdefault(key, []).append((Member(index, name, layout), placed))
   groups = []
-  for (_, dtype, _), entries in found.items():
+  for (_, dtype, _, _), entries in found.items():
     members = tuple(member for member, _ in entries)
     name = group_name([m.name for m in members])
     layout = stacked_layout([m.layout for m in members])

@@ -332,8 +332,9 @@ class LayoutRule:
       like one scanned with ``stacked_axes``). Each parameter's update is exactly what it would
       be alone. The state is then keyed by group (see :func:`~soap_optax.kronecker_stats`), and
       every block of the chain must be built with the same rule. Under automatic sharding on a
-      mesh, updates can come back in another sharding than the parameters' (seen with stacked
-      layers); use explicit sharding, or leave this off there.
+      mesh a parameter's type does not say how it is divided, so there each parameter is a group
+      of its own (keyed as above, placed as the parameter is): grouping saves compile time on
+      one device and under explicit sharding.
 
   Examples:
     >>> import soap_optax

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-from jax.sharding import AxisType, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 Mesh = jax.sharding.AbstractMesh
 
@@ -114,6 +114,25 @@ def spec_of(x) -> PartitionSpec | None:
   except (AttributeError, TypeError):
     return None
   if sharding.mesh.empty or AxisType.Explicit not in sharding.mesh.axis_types:
+    return None
+  return sharding.spec
+
+
+def sharding_unknown(x) -> bool:
+  """Whether ``x`` lies on a mesh of several devices under automatic sharding, where a traced
+  value's type does not say how it is divided (XLA decides). True for arrays and traced values
+  alike, so that ``init`` and ``update`` agree."""
+  try:
+    mesh = jax.typeof(x).sharding.mesh
+  except (AttributeError, TypeError):
+    return False
+  return not mesh.empty and mesh.size > 1 and AxisType.Explicit not in mesh.axis_types
+
+
+def placed_spec(x) -> PartitionSpec | None:
+  """How an array (not a traced value) is divided under automatic sharding, else None."""
+  sharding = getattr(x, "sharding", None)
+  if isinstance(x, jax.core.Tracer) or not isinstance(sharding, NamedSharding):
     return None
   return sharding.spec
 

@@ -56,8 +56,8 @@ def working_spec(layout: FactorLayout, spec, mesh):
   parameter with one stack axis: on it), so that the rotations need no more communication than
   the matmuls themselves; any other layout is spread over the mesh like the state.
   """
-  if mesh is None or not _sharding.is_explicit(mesh):
-    return None
+  if mesh is None or (spec is None and not _sharding.is_explicit(mesh)):
+    return None  # (under automatic sharding, a spec is known only for placed arrays at init)
   if spec is not None:
     spec = tuple(spec) + (None,) * (len(layout.shape) - len(spec))
     if layout.blocked_shape == (1, *layout.shape):

@@ -268,21 +268,14 @@ STACKED_CASES = [
     dict(block_size=32, stagger_refresh=True, refresh_tolerance=0.0),
     id="eshampoo-blocks-staggered-explicit-2d",
   ),
-  # Grouping equal layouts: kept shardings under explicit sharding; a known defect under
-  # automatic sharding (BUILD_NOTES.md, "Grouping as the default"): the bias's update comes back
-  # P('fsdp', 'tp') where the parameter is P(None, 'tp'). Strict, so that a fix shows.
+  # Grouping equal layouts keeps the parameters' shardings in both modes. Under automatic
+  # sharding each parameter is a group of its own, placed as the parameter is (the bias's update
+  # came back P('fsdp', 'tp') where the parameter is P(None, 'tp') when its moments were spread).
   pytest.param(
     "explicit-2d", "soap", STACKED, dict(group_equal_layouts=True), id="soap-grouped-explicit-2d"
   ),
   pytest.param(
-    "auto-2d",
-    "soap",
-    STACKED,
-    dict(group_equal_layouts=True),
-    id="soap-grouped-auto-2d",
-    marks=pytest.mark.xfail(
-      strict=True, raises=AssertionError, reason="grouped updates change sharding under auto"
-    ),
+    "auto-2d", "soap", STACKED, dict(group_equal_layouts=True), id="soap-grouped-auto-2d"
   ),
 ]
 
