@@ -227,7 +227,9 @@ class Group(NamedTuple):
     layout: its working layout (a group's: the stack of its members').
     dtype: the dtype its state is derived from: the parameter's, or (grouping) the members'
       compute dtype.
-    spec: its members' sharding under explicit sharding, else None.
+    spec: its members' sharding under explicit sharding; under automatic sharding (a group of one
+      there), how the parameter is placed when the groups are read from arrays (``init`` places
+      the group's arrays alike), not from traced values; else None.
     members: the grouped parameters (empty without grouping).
   """
 

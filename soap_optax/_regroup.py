@@ -61,14 +61,15 @@ def group_state(state: optax.OptState, params: optax.Params, layout: LayoutRule)
 
   Examples:
     >>> import jax.numpy as jnp
+    >>> import optax
     >>> import soap_optax
     >>> params = {"a": jnp.zeros((3, 2)), "b": jnp.zeros((3, 2))}
     >>> state = soap_optax.soap().init(params)
     >>> rule = soap_optax.LayoutRule(group_equal_layouts=True)
     >>> grouped = soap_optax.group_state(state, params, rule)
-    >>> sorted(grouped.inner_state[0].stats)
+    >>> sorted(optax.tree.get(grouped, "KroneckerStatsState").stats)
     ['a+1:0', 'a+1:1']
-    >>> grouped.inner_state[2].mu["a+1"].shape  # both parameters' blocks, one after another
+    >>> optax.tree.get(grouped, "mu")["a+1"].shape  # both parameters' blocks, one after another
     (2, 3, 2)
   """
   if not layout.group_equal_layouts:

@@ -50,14 +50,16 @@ def factor_shapes(layout: FactorLayout) -> dict[int, tuple[int, int, int]]:
 
 
 def working_spec(layout: FactorLayout, spec, mesh):
-  """The sharding of a parameter's working-layout arrays under explicit sharding.
+  """The sharding of a parameter's working-layout arrays, given its ``spec`` (see
+  :class:`~soap_optax._carrier.Group`): always under explicit sharding, under automatic sharding
+  only where the parameter's placement is known.
 
   An unblocked, unmerged parameter keeps its own sharding behind the leading block axis (a
   parameter with one stack axis: on it), so that the rotations need no more communication than
   the matmuls themselves; any other layout is spread over the mesh like the state.
   """
   if mesh is None or (spec is None and not _sharding.is_explicit(mesh)):
-    return None  # (under automatic sharding, a spec is known only for placed arrays at init)
+    return None
   if spec is not None:
     spec = tuple(spec) + (None,) * (len(layout.shape) - len(spec))
     if layout.blocked_shape == (1, *layout.shape):
