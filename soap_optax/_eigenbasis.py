@@ -191,8 +191,15 @@ def _decomposed(decompose, stats, basis, padding, config, on_mesh) -> Eigenbasis
 
 
 def _guarded(result: Eigenbasis, basis, estimates) -> Eigenbasis:
-  """``result``, but the old basis (and estimates) kept where it is not finite."""
-  ok = _linalg.finite(result.basis, axis=(-2, -1)) & _linalg.finite(result.eigenvalues, axis=-1)
+  """``result``, but the old basis (and estimates) kept where it is not finite.
+
+  Reads the eigenvalues only: they are non-finite wherever the basis is. ``eigh`` fails with
+  NaN in both. A QR refresh's basis is non-finite only if ``L Q`` is, and then so is every
+  estimate ``Σᵢ Qᵢⱼ (LQ)ᵢⱼ`` of a column holding an Inf or NaN (``0·∞`` is NaN too); the warm
+  iterations re-estimate from their own ``L Q`` the same way. Testing the ``n × n`` bases as well
+  cost a reduction per factor size, in the compiled program and at every refresh.
+  """
+  ok = _linalg.finite(result.eigenvalues, axis=-1)
   kept = _kept(basis, estimates)
   return jax.tree.map(
     lambda new, old: jnp.where(ok.reshape(ok.shape + (1,) * (new.ndim - 1)), new, old),

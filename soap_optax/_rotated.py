@@ -330,12 +330,15 @@ def _step(
     k: to_blocks(v.astype(cdt), layout) if shaped[k] else v.astype(cdt) for k, v in stored.items()
   }
   step, new = direction(carrier, moments, Rotation(_bases(carrier.basis), matmul))
-  new = carry_to_next_basis(carrier, new, kinds)
   live = carrier.live
+  with jax.named_scope("live_guard"):
+    # Before the transfer, where XLA fuses the choice into the rule's own update of each
+    # moment; after it, the choice was a kernel of its own per moment. The same state: a step
+    # that is not live refreshes nothing but the first bases, and moves zeros then.
+    new = {k: jnp.where(live, v, moments[k]) for k, v in new.items()}
+  new = carry_to_next_basis(carrier, new, kinds)
   back = {}
   for k, v in new.items():
-    with jax.named_scope("live_guard"):
-      v = jnp.where(live, v, moments[k])
     back[k] = (from_blocks(v, layout) if shaped[k] else v).astype(stored[k].dtype)
   # The update stays in the compute dtype: a large direction (before the learning rate scales
   # it) would overflow float16; optax.apply_updates casts to the parameter's dtype.
