@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 from jax.typing import DTypeLike
 
 from soap_optax import _checks, _linalg, _sharding
@@ -176,7 +177,8 @@ def kronecker_stats(
         inputs = [
           [_gathered(group, grads, mesh)] for group, grads in zip(groups, inputs, strict=True)
         ]
-        finite = _linalg.all_finite([working for (working,) in inputs])
+        # Behind a barrier: XLA rewrites the sum over a concatenation as one sum per member.
+        finite = _linalg.all_finite([lax.optimization_barrier(w) for (w,) in inputs])
       else:
         finite = _linalg.all_finite(leaves)
       results = [

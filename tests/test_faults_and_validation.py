@@ -13,7 +13,7 @@ from aliases import ALIAS_PARAMS
 from runner import assert_equal, assert_trees_equal
 from test_blocks import CHAIN_SHAPES, chain_blocks  # its compiled chain, shared
 
-from soap_optax import KroneckerUpdate, LayoutRule, eigenbasis_refresh
+from soap_optax import KroneckerUpdate, LayoutRule, _linalg, eigenbasis_refresh
 
 SHAPES = {"w": (6, 3), "b": (3,)}  # the shapes of the shared reference step (see aliases.py)
 
@@ -293,33 +293,87 @@ def test_the_first_basis_is_orthonormal_even_when_the_statistics_overflow():
     assert orthonormality_error(q) < ORTHONORMAL  # fails on NaN too
 
 
+def _hand_built_record(grad, count, stats):
+  """The record ``eigenbasis_refresh`` receives from ``kronecker_stats``, built by hand."""
+  return {
+    "w": KroneckerUpdate(
+      grad=grad[None],
+      count=jnp.asarray(count, jnp.int32),
+      finite=jnp.asarray(True),
+      stats=stats,
+      layout=RULE.layout(grad.shape),
+      dtype=jnp.float32,
+      name="w",
+    )
+  }
+
+
+def _statistics_of(grad):
+  return ((grad @ grad.T + jnp.eye(3))[None], (grad.T @ grad + jnp.eye(2))[None])
+
+
 def test_a_refresh_of_a_non_finite_statistic_keeps_that_factor_s_basis():
   """Built by hand: the record reaching eigenbasis_refresh at a scheduled count holds an Inf."""
   block = eigenbasis_refresh(10, layout=RULE)
-  rng = np.random.default_rng(0)
-  grad = jnp.asarray(rng.standard_normal((3, 2)), jnp.float32)
-  stats = ((grad @ grad.T + jnp.eye(3))[None], (grad.T @ grad + jnp.eye(2))[None])
-
-  def record(count, stats):
-    return {
-      "w": KroneckerUpdate(
-        grad=grad[None],
-        count=jnp.asarray(count, jnp.int32),
-        finite=jnp.asarray(True),
-        stats=stats,
-        layout=RULE.layout((3, 2)),
-        dtype=jnp.float32,
-        name="w",
-      )
-    }
-
+  grad = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2)), jnp.float32)
+  stats = _statistics_of(grad)
   update = jax.jit(block.update)
-  _, state = update(record(0, stats), block.init({"w": grad}))
+  _, state = update(_hand_built_record(grad, 0, stats), block.init({"w": grad}))
   bad_stats = (stats[0].at[0, 0, 1].set(jnp.inf), stats[1] * 2)
-  carriers, new_state = update(record(10, bad_stats), state)
+  carriers, new_state = update(_hand_built_record(grad, 10, bad_stats), state)
   # The factor with the Inf keeps its basis; the other one is refreshed.
   assert_trees_equal(new_state.basis["w:0"], state.basis["w:0"])
   assert [int(r) for r in factor_blocks(new_state.refreshes)] == [1, 2]
   assert [bool(r[0]) for r in carriers["w"].refreshed] == [False, True]
   for q in factor_blocks(new_state.basis):
     assert orthonormality_error(q) < ORTHONORMAL
+
+
+def test_a_failed_eigh_keeps_the_identity_until_a_refresh_succeeds(monkeypatch):
+  """JAX's ``eigh`` reports a failure as NaN (eigenvalues and eigenvectors). The first bases
+  stay the identity, no refresh is counted, and the next scheduled refresh starts from them."""
+  real_eigh = jnp.linalg.eigh
+
+  def failing_eigh(matrix, **kwargs):
+    w, v = real_eigh(matrix, **kwargs)
+    return jnp.full_like(w, jnp.nan), jnp.full_like(v, jnp.nan)
+
+  block = eigenbasis_refresh(10, layout=RULE)
+  grad = jnp.asarray(np.random.default_rng(1).standard_normal((3, 2)), jnp.float32)
+  stats = _statistics_of(grad)
+  monkeypatch.setattr(jnp.linalg, "eigh", failing_eigh)
+  carriers, state = jax.jit(block.update)(
+    _hand_built_record(grad, 0, stats), block.init({"w": grad})
+  )
+  monkeypatch.undo()
+  bases = factor_blocks(state.basis)
+  assert len(bases) == 2
+  for q in bases:
+    assert_equal(q, np.eye(q.shape[0]))
+  assert [int(r) for r in factor_blocks(state.refreshes)] == [0, 0]
+  assert [bool(r[0]) for r in carriers["w"].refreshed] == [False, False]
+  _, state = jax.jit(block.update)(_hand_built_record(grad, 10, stats), state)
+  assert [int(r) for r in factor_blocks(state.refreshes)] == [1, 1]
+  for q in factor_blocks(state.basis):
+    assert orthonormality_error(q) < ORTHONORMAL
+
+
+@pytest.mark.parametrize("fault", [np.nan, np.inf, -np.inf])
+def test_finite_finds_a_single_nan_or_inf(fault):
+  x = jnp.ones((3, 40), jnp.float32).at[1, 7].set(fault)
+  assert not bool(_linalg.finite(x))
+  assert _linalg.finite(x, axis=-1).tolist() == [True, False, True]
+
+
+def test_finite_finds_infinities_of_both_signs_together():
+  assert not bool(_linalg.finite(jnp.array([np.inf, 1.0, -np.inf], jnp.float32)))
+
+
+def test_finite_sums_half_precision_in_float32():
+  """100 000 ones sum to more than float16 holds (65 504): no fault."""
+  assert bool(_linalg.finite(jnp.ones(100_000, jnp.float16)))
+
+
+def test_an_array_whose_sum_overflows_float32_counts_as_a_fault():
+  """Documented: such an array's squares (statistics, second moments) overflow long before."""
+  assert not bool(_linalg.finite(jnp.full(4, 3e38, jnp.float32)))
