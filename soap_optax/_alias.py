@@ -97,7 +97,9 @@ def skip_nonfinite_steps(tx: optax.GradientTransformation) -> optax.GradientTran
   """Wraps ``tx`` so that a step with a NaN or Inf gradient is skipped: zero update, state kept.
 
   This is ``optax.apply_if_finite`` that never gives up (same state, ``ApplyIfFiniteState``); its
-  state counts the skipped steps (``total_notfinite``), which is worth logging.
+  state counts the skipped steps (``total_notfinite``), which is worth logging. Each gradient is
+  tested through its sum (accumulated in float32 at least), so a gradient whose sum overflows
+  float32 is skipped too: its squares would overflow the second moments anyway.
 
   Examples:
     >>> import jax.numpy as jnp

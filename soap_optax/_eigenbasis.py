@@ -505,43 +505,60 @@ def eigenbasis_refresh(
     with _sharding.using(mesh), jax.default_matmul_precision("float32"):
       # Full float32 products on accelerators too: the power steps and the staleness test decide
       # the basis, and TF32/bf16 passes would blur small eigenvalues.
+      by_phase: dict[int, list[list[_Unit]]] = {}
       for (_, _, phase), members in _group(units, phases).items():
-        group = [units[i] for i in members]
-        results.update(_refresh_group(group, phase, state, config, mesh))
+        by_phase.setdefault(phase, []).append([units[i] for i in members])
+      for phase, stacks in by_phase.items():
+        results.update(_refresh_phase(stacks, phase, state, config, mesh))
     with jax.named_scope("refresh_state"):
       return _assemble(updates, carriers, units, results, state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _refresh_group(group: Sequence[_Unit], phase: int, state, config, mesh) -> dict:
-  """One runtime branch for a stack of factors: keep them, or recompute them (the first bases or
-  a scheduled refresh)."""
-  count, finite = group[0].carrier.count, group[0].carrier.finite
-  cdt = group[0].carrier.grad.dtype
-  stats = [u.part(u.carrier.stats[u.axis]) for u in group]  # type: ignore[index]  # filled
-  bases = [u.part(state.basis[u.key]).astype(cdt) for u in group]
-  estimates = [u.part(state.eigenvalues[u.key]).astype(cdt) for u in group]
-  iterations = [u.part(state.qr_iterations[u.key]) for u in group]
+def _refresh_phase(stacks: Sequence[Sequence[_Unit]], phase: int, state, config, mesh) -> dict:
+  """One runtime branch for the stacks of one phase (all of them, without ``stagger``): keep
+  them, or recompute them (the first bases or a scheduled refresh).
+
+  One branch for every stack, not one per stack: each branch is a computation XLA compiles on
+  its own, with its own copies of what it returns.
+  """
+  count, finite = stacks[0][0].carrier.count, stacks[0][0].carrier.finite
+
+  def read(group):
+    cdt = group[0].carrier.grad.dtype
+    return (
+      [u.part(u.carrier.stats[u.axis]) for u in group],  # type: ignore[index]  # filled
+      [u.part(state.basis[u.key]).astype(cdt) for u in group],
+      [u.part(state.eigenvalues[u.key]).astype(cdt) for u in group],
+      [u.part(state.qr_iterations[u.key]) for u in group],
+    )
+
+  stats, bases, estimates, iterations = (list(x) for x in zip(*map(read, stacks), strict=True))
 
   @jax.named_scope("keep")
   def keep(stats, bases, estimates, iterations, is_first, starts):
     del stats, is_first, starts
-    kept = [_kept(b, e) for b, e in zip(bases, estimates, strict=True)]
-    return [k._replace(iterations=i) for k, i in zip(kept, iterations, strict=True)]
+    return [
+      [_kept(b, e)._replace(iterations=i) for b, e, i in zip(*stack, strict=True)]
+      for stack in zip(bases, estimates, iterations, strict=True)
+    ]
 
   def recompute(stats, bases, estimates, iterations, is_first, starts):
     del iterations
-    return _decompose_stack(is_first, group, stats, bases, estimates, starts, config, mesh)
+    return [
+      _decompose_stack(is_first, group, *operands, config, mesh)
+      for group, *operands in zip(stacks, stats, bases, estimates, starts, strict=True)
+    ]
 
-  specs = [_result_specs(b.shape, mesh) for b in bases]
+  specs = [[_result_specs(b.shape, mesh) for b in stack] for stack in bases]
   # The operands stay where the state keeps them until a branch moves them: no communication
   # outside the refresh, so a step that does not refresh pays nothing for it on a mesh either.
   in_specs = (
-    [s.basis for s in specs],
-    [s.basis for s in specs],
-    [s.eigenvalues for s in specs],
-    [s.iterations for s in specs],
+    [[s.basis for s in stack] for stack in specs],
+    [[s.basis for s in stack] for stack in specs],
+    [[s.eigenvalues for s in stack] for stack in specs],
+    [[s.iterations for s in stack] for stack in specs],
     None if mesh is None else jax.sharding.PartitionSpec(),
     None,
   )
@@ -552,9 +569,13 @@ def _refresh_group(group: Sequence[_Unit], phase: int, state, config, mesh) -> d
     index = jnp.where(finite, index, _KEEP)
     # Every operand enters the branches as an argument: under explicit sharding they run in
     # automatic regions, which must not close over explicitly typed values.
-    starts = _split_points(group, mesh)
+    starts = [_split_points(group, mesh) for group in stacks]
     out = lax.switch(index, branches, stats, bases, estimates, iterations, count == 0, starts)
-  return {(u.key, u.start): r for u, r in zip(group, out, strict=True)}
+  return {
+    (u.key, u.start): r
+    for group, results in zip(stacks, out, strict=True)
+    for u, r in zip(group, results, strict=True)
+  }
 
 
 def _joined(units: Sequence[_Unit], results: dict) -> dict[str, Eigenbasis]:

