@@ -528,7 +528,7 @@ def _refresh_phase(stacks: Sequence[Sequence[_Unit]], phase: int, state, config,
   def read(group):
     cdt = group[0].carrier.grad.dtype
     return (
-      [u.part(u.carrier.stats[u.axis]) for u in group],  # type: ignore[index]  # filled
+      [u.part(u.carrier.stats[u.axis]) for u in group],
       [u.part(state.basis[u.key]).astype(cdt) for u in group],
       [u.part(state.eigenvalues[u.key]).astype(cdt) for u in group],
       [u.part(state.qr_iterations[u.key]) for u in group],
@@ -547,8 +547,8 @@ def _refresh_phase(stacks: Sequence[Sequence[_Unit]], phase: int, state, config,
   def recompute(stats, bases, estimates, iterations, is_first, starts):
     del iterations
     return [
-      _decompose_stack(is_first, group, *operands, config, mesh)
-      for group, *operands in zip(stacks, stats, bases, estimates, starts, strict=True)
+      _decompose_stack(is_first, group, s, b, e, at, config, mesh)
+      for group, s, b, e, at in zip(stacks, stats, bases, estimates, starts, strict=True)
     ]
 
   specs = [[_result_specs(b.shape, mesh) for b in stack] for stack in bases]
