@@ -10,6 +10,7 @@ against AdamW's compile in the same process. The table gives the median over rou
 
   python benchmarks/bench_compile_ab.py --trees /path/to/old/checkout . --layers 2 16
   python benchmarks/bench_compile_ab.py --trees . --specs soap soap:group_equal_layouts=True
+  python benchmarks/bench_compile_ab.py --layers 2 --resize 256:512 384:512  # fewer factor sizes
 """
 
 from __future__ import annotations
@@ -25,12 +26,19 @@ import time
 import _common
 
 
-def measure(layers: int, d_model: int, spec: str, reps: int) -> dict[str, dict[str, float]]:
-  """Fastest wall-clock and CPU seconds of compiling each optimizer's update, in this process."""
+def measure(
+  layers: int, d_model: int, spec: str, reps: int, resize: dict[int, int]
+) -> dict[str, dict[str, float]]:
+  """Fastest wall-clock and CPU seconds of compiling each optimizer's update, in this process.
+
+  ``resize`` replaces axis lengths of the model's parameters (``{256: 512}``): the same model
+  with fewer distinct factor sizes, as merging the refresh's stacks by padding would give.
+  """
   import jax
   import jax.numpy as jnp
 
   shapes = _common.gpt_param_shapes(d_model=d_model, num_layers=layers)
+  shapes = {k: tuple(resize.get(n, n) for n in s) for k, s in shapes.items()}
   params = {k: jnp.zeros(s) for k, s in shapes.items()}
   out = {}
   for name in ("adamw", "muon", spec):
@@ -48,7 +56,7 @@ def measure(layers: int, d_model: int, spec: str, reps: int) -> dict[str, dict[s
 
 def _run_child(tree: str, layers: int, args, spec: str) -> dict:
   command = [sys.executable, __file__, "--child", spec, "--layers", str(layers)]
-  command += ["--d_model", str(args.d_model), "--reps", str(args.reps)]
+  command += ["--d_model", str(args.d_model), "--reps", str(args.reps), "--resize", *args.resize]
   path = os.path.abspath(tree)
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([path, os.environ.get("PYTHONPATH", "")])}
   # Started outside the repository, so that the tree on PYTHONPATH is the one imported.
@@ -87,12 +95,16 @@ def main():
   parser.add_argument("--d_model", type=int, default=128)
   parser.add_argument("--reps", type=int, default=5, help="compiles per process (fastest kept)")
   parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument(
+    "--resize", nargs="*", default=[], help="OLD:NEW axis lengths replaced, e.g. 256:512 384:512"
+  )
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   _common.add_json_arg(parser)
   args = parser.parse_args()
   if args.child is not None:
     (layers,) = args.layers
-    print(json.dumps(measure(layers, args.d_model, args.child, args.reps)))
+    resize = dict(tuple(int(n) for n in pair.split(":")) for pair in args.resize)
+    print(json.dumps(measure(layers, args.d_model, args.child, args.reps, resize)))
     return
   info = _common.print_header("compile time of the update, library trees compared in turns")
   runs: dict[tuple, list[dict]] = {}
