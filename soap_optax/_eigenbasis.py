@@ -120,7 +120,7 @@ def _refresh(stats, basis, estimates, product, padding, config: RefreshConfig) -
     return _linalg.eigh_basis(stats)
   new_basis, order = _linalg.sorted_power_step(product, estimates, config.orthonormalization)
   if config.single_iteration:
-    eigenvalues = jnp.take_along_axis(estimates, order, axis=-1)
+    eigenvalues = _linalg.permute(estimates, order, axis=-1)
     iterations = jnp.ones(order.shape[:-1], jnp.int32)
   else:
     new_basis, eigenvalues, iterations = _linalg.warm_qr_iterations(
@@ -292,7 +292,9 @@ def _decompose_stack(is_first, units, stats, bases, estimates, starts, config, m
   sizes = [s.shape[0] for s in stats]
   n, dtype = stats[0].shape[-1], stats[0].dtype
   padding = np.concatenate([_padding(u, np.dtype(dtype)) for u in units])
-  stats = _linalg.sentinel_padding(jnp.concatenate(stats), padding)
+  stats = jnp.concatenate(stats)
+  if padding.any():  # known when tracing: a stack without ragged blocks compiles no sentinel
+    stats = _linalg.sentinel_padding(stats, padding)
   basis, estimate = jnp.concatenate(bases), jnp.concatenate(estimates)
   count = _sharding.device_count(mesh)
   extra = -len(padding) % count
@@ -334,7 +336,8 @@ def _decompose_stack(is_first, units, stats, bases, estimates, starts, config, m
     starts = [int(i) for i in np.cumsum(sizes) - sizes]
     cut = lambda x, i, s: x[i : i + s]  # noqa: E731
   else:
-    cut = lax.dynamic_slice_in_dim
+    # The offsets are in range by construction: no clamping of negative ones to compile.
+    cut = functools.partial(lax.dynamic_slice_in_dim, allow_negative_indices=False)
   return [
     jax.tree.map(lambda x, i=i, s=s: cut(x, i, s), result)
     for i, s in zip(starts, sizes, strict=True)

@@ -9,6 +9,7 @@ the tensor is rotated by factor ``b``. The decompositions work on one symmetric 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
@@ -300,6 +301,21 @@ def orthonormalize(matrix: Array) -> Array:
   return q.reshape(matrix.shape)
 
 
+def permute(x: Array, order: Array, axis: int) -> Array:
+  """``x`` with ``axis`` of each matrix of a stack reordered: ``x[…, order[i], …]``.
+
+  ``order`` is ``(*batch, n)``, a permutation per leading index of ``x``; ``axis`` counts within
+  one such entry. One gather per entry (``vmap``): ``take_along_axis`` builds a full-rank index
+  array and bounds masks, about three times the compiled instructions, and the second moments'
+  permutation alone was about a quarter of a 16-layer GPT's compile.
+  """
+  # "clip": a permutation is in range, and clamping costs no mask (the default fills with NaN).
+  pick = functools.partial(jnp.take, axis=axis, mode="clip", unique_indices=True)
+  for _ in range(order.ndim - 1):
+    pick = jax.vmap(pick)
+  return pick(x, order)
+
+
 def sorted_power_step(
   product: Array, estimates: Array, orthonormalization: Orthonormalization = "qr"
 ) -> tuple[Array, Array]:
@@ -311,7 +327,7 @@ def sorted_power_step(
   ``orthonormalization`` names the QR's method (see :func:`orthonormalize_by`).
   """
   order = jnp.argsort(-estimates, axis=-1, stable=True).astype(jnp.int32)
-  sorted_product = jnp.take_along_axis(product, order[..., None, :], axis=-1)
+  sorted_product = permute(product, order, axis=-1)
   basis = orthonormalize_by(sorted_product, orthonormalization)
   return basis, order
 

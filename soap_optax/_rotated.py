@@ -43,6 +43,7 @@ from soap_optax._linalg import (
   divide,
   matmul_settings,
   mode_product,
+  permute,
 )
 from soap_optax._stats import group_spec
 
@@ -136,9 +137,7 @@ def carry_to_next_basis(carrier: KroneckerUpdate, moments: dict, kinds: dict) ->
       for axis, order in enumerate(carrier.order or ()):
         # An axis reduced to length 1 (Adafactor's row or column sums) needs no permutation.
         if order is not None and x.shape[axis + 1] == order.shape[-1]:
-          index = order.reshape(order.shape[:1] + (1,) * axis + order.shape[1:])
-          index = index.reshape(index.shape + (1,) * (x.ndim - index.ndim))
-          x = jnp.take_along_axis(x, index, axis=axis + 1)
+          x = permute(x, order, axis)
       out[name] = x
     return out
 
@@ -364,7 +363,8 @@ def _split_members(carrier: KroneckerUpdate, step: Array, live: Array) -> list[A
   starts = lax.optimization_barrier([jnp.asarray(s, jnp.int32) for s in np.cumsum(sizes) - sizes])
 
   def split(step, starts):
-    parts = [lax.dynamic_slice_in_dim(step, i, n) for i, n in zip(starts, sizes, strict=True)]
+    cut = functools.partial(lax.dynamic_slice_in_dim, allow_negative_indices=False)
+    parts = [cut(step, i, n) for i, n in zip(starts, sizes, strict=True)]
     return [from_blocks(x, m.layout) for x, m in zip(parts, carrier.members, strict=True)]
 
   def zeros(step, starts):
