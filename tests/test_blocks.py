@@ -14,6 +14,7 @@ from runner import assert_close, assert_equal
 from soap_optax import (
   KroneckerUpdate,
   LayoutRule,
+  _linalg,
   eigenbasis_refresh,
   kronecker_stats,
   rotated_adam,
@@ -624,6 +625,30 @@ def test_second_moment_is_permuted_with_the_refresh_order(count, chain_run):
     v = np.take(v, np.argsort(-np.diag(q.T @ stat @ q), kind="stable"), axis=axis)
   # Measured: 6.9e-8 relative.
   assert_close(f64(new_adam.nu[name]), v, rtol=5e-7, atol=0)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_each_block_is_permuted_with_its_own_order(axis):
+  """``_linalg.permute`` (the refresh's reordering of columns and of the diagonal moments): block
+  ``b``'s entries along ``axis`` follow ``order[b]`` exactly; an Inf moves alone, as an entry."""
+  rng = np.random.default_rng(axis)
+  x = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
+  x[1, 2, 3, 4] = np.inf
+  orders = np.stack([rng.permutation(x.shape[axis + 1]) for _ in range(3)]).astype(np.int32)
+  want = np.stack([np.take(b, order, axis=axis) for b, order in zip(x, orders, strict=True)])
+  got = jax.jit(_linalg.permute, static_argnums=2)(jnp.asarray(x), jnp.asarray(orders), axis)
+  assert np.isinf(want).sum() == 1 and not np.isnan(got).any()
+  np.testing.assert_array_equal(np.asarray(got), want)  # with the Inf: not runner.assert_equal
+
+
+def test_a_stack_of_stacks_is_permuted_per_matrix():
+  """Leading batch axes of any rank, the axis counted from the end (the refresh's columns)."""
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((2, 3, 5, 5)).astype(np.float32)
+  orders = np.stack([[rng.permutation(5) for _ in range(3)] for _ in range(2)]).astype(np.int32)
+  want = np.take_along_axis(x, orders[..., None, :], axis=-1)
+  got = jax.jit(_linalg.permute, static_argnums=2)(jnp.asarray(x), jnp.asarray(orders), -1)
+  assert_equal(np.asarray(got), want)
 
 
 # -- ragged blocks: the padding stays out of the bases and the steps --------------------------
