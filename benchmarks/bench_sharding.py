@@ -39,6 +39,7 @@ if "--compile_scaling" not in sys.argv:  # compile time is measured on one devic
   os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
@@ -246,15 +247,17 @@ def _wrappers():
   )
 
 
-def program_size(tx, tree, with_blocks: bool = True, reps: int = 1) -> dict:
-  """Op counts of the lowered and compiled update, by block; the kernels XLA generates, by block;
-  and the compile's wall-clock and CPU (process) seconds, the fastest of ``reps`` compiles of
-  fresh lowerings. On a loaded machine the CPU seconds are the steadier figure: waiting for a
-  core does not count. A short compile (AdamW's) moves by ±20% between single measurements,
-  which is the ratios' main noise; the fastest of three is steadier."""
-  state = tx.init(tree)
+def program_size(make, tree, with_blocks: bool = True, reps: int = 1) -> dict:
+  """Op counts of the lowered and compiled update of ``make()``, by block; the kernels XLA
+  generates, by block; and the compile's wall-clock and CPU (process) seconds, the fastest of
+  ``reps`` compiles. On a loaded machine the CPU seconds are the steadier figure: waiting for a
+  core does not count. A short compile (AdamW's) moves by ±20% between single measurements, the
+  ratios' main noise. Each compile is of a new transformation: jax would return a compiled
+  program it already holds for the same one (in no time)."""
   lower_s, compile_s, cpu_s = [], [], []
   for _ in range(reps):
+    tx = make()
+    state = tx.init(tree)
     start = time.perf_counter()
     lowered = jax.jit(tx.update).lower(tree, state, tree)
     middle, cpu = time.perf_counter(), time.process_time()
@@ -306,25 +309,32 @@ def compile_scaling(depths, d_model, optimizers=("soap",), variants=(), reps=3):
     shapes = _common.gpt_param_shapes(d_model=d_model, num_layers=layers)
     params = {k: jnp.zeros(s) for k, s in shapes.items()}
     scanned = scanned_params(shapes, layers)
-    runs = [("adamw", optax.adamw(1e-3), params)]
+    # (name, a function making the transformation, parameters)
+    runs: list[tuple] = [("adamw", lambda: optax.adamw(1e-3), params)]
     if hasattr(optax.contrib, "muon"):
-      runs.append(("muon", optax.contrib.muon(1e-3), params))
-    runs.append(("alias_wrappers", _wrappers(), params))
-    runs += [(name, getattr(soap_optax, name)(), params) for name in optimizers]
+      runs.append(("muon", lambda: optax.contrib.muon(1e-3), params))
+    runs.append(("alias_wrappers", _wrappers, params))
+    runs += [(name, getattr(soap_optax, name), params) for name in optimizers]
     if "group_equal_layouts" in inspect.signature(soap_optax.soap).parameters:  # 0.3 on
       runs += [
-        (f"{name}_grouped", getattr(soap_optax, name)(group_equal_layouts=True), params)
+        (
+          f"{name}_grouped",
+          functools.partial(getattr(soap_optax, name), group_equal_layouts=True),
+          params,
+        )
         for name in optimizers
       ]
-    runs += [(spec, _common.build_optimizer(spec, 1e-3), params) for spec in variants]
+    runs += [
+      (spec, functools.partial(_common.build_optimizer, spec, 1e-3), params) for spec in variants
+    ]
     if "stacked_axes" in inspect.signature(soap_optax.soap).parameters:  # not in old versions
       runs += [
-        ("adamw_scanned", optax.adamw(1e-3), scanned),
-        ("soap_scanned", scanned_soap(), scanned),
+        ("adamw_scanned", lambda: optax.adamw(1e-3), scanned),
+        ("soap_scanned", scanned_soap, scanned),
       ]
-    for name, tx, tree in runs:
+    for name, make, tree in runs:
       row = {"layers": layers, "parameters": len(jax.tree.leaves(tree)), "optimizer": name}
-      row.update(program_size(tx, tree, reps=reps))
+      row.update(program_size(make, tree, reps=reps))
       rows.append(row)
       print(json.dumps(row), flush=True)
   return rows
