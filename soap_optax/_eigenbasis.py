@@ -336,8 +336,7 @@ def _decompose_stack(is_first, units, stats, bases, estimates, starts, config, m
     starts = [int(i) for i in np.cumsum(sizes) - sizes]
     cut = lambda x, i, s: x[i : i + s]  # noqa: E731
   else:
-    # The offsets are in range by construction: no clamping of negative ones to compile.
-    cut = functools.partial(lax.dynamic_slice_in_dim, allow_negative_indices=False)
+    cut = _linalg.slice_at
   return [
     jax.tree.map(lambda x, i=i, s=s: cut(x, i, s), result)
     for i, s in zip(starts, sizes, strict=True)
@@ -354,9 +353,7 @@ def _split_points(group: Sequence[_Unit], mesh) -> list | None:
   """
   if mesh is not None:
     return None
-  sizes = [u.size for u in group]
-  starts = np.cumsum(sizes) - sizes
-  return lax.optimization_barrier([jnp.asarray(s, jnp.int32) for s in starts])
+  return _linalg.run_time_offsets([u.size for u in group])
 
 
 def _group(units: Sequence[_Unit], phases: Sequence[int]) -> dict[tuple, list[int]]:

@@ -16,6 +16,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
@@ -314,6 +315,23 @@ def permute(x: Array, order: Array, axis: int) -> Array:
   for _ in range(order.ndim - 1):
     pick = jax.vmap(pick)
   return pick(x, order)
+
+
+def run_time_offsets(sizes: Sequence[int]) -> list[Array]:
+  """Where consecutive parts of ``sizes`` start along an axis, as values XLA cannot see through.
+
+  Slices at constant offsets each fuse into a kernel of their own; at run-time offsets (passed
+  into a runtime branch as operands) the slices of equal shape share one kernel, so a split
+  back into many parts no longer grows the compiled program with their number.
+  """
+  starts = np.cumsum(sizes) - np.asarray(sizes)
+  return lax.optimization_barrier([jnp.asarray(s, jnp.int32) for s in starts])
+
+
+def slice_at(x: Array, start: Array, size: int) -> Array:
+  """``x[start : start + size]`` at a run-time ``start`` that is in range by construction (from
+  :func:`run_time_offsets`): JAX's wrapping of negative offsets is three ops per slice."""
+  return lax.dynamic_slice_in_dim(x, start, size, allow_negative_indices=False)
 
 
 def sorted_power_step(

@@ -17,7 +17,6 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 from jax.typing import DTypeLike
@@ -44,6 +43,8 @@ from soap_optax._linalg import (
   matmul_settings,
   mode_product,
   permute,
+  run_time_offsets,
+  slice_at,
 )
 from soap_optax._stats import group_spec
 
@@ -360,11 +361,10 @@ def _split_members(carrier: KroneckerUpdate, step: Array, live: Array) -> list[A
   where a slice at a run-time offset of a divided axis would gather the whole array.
   """
   sizes = [m.layout.num_blocks for m in carrier.members]
-  starts = lax.optimization_barrier([jnp.asarray(s, jnp.int32) for s in np.cumsum(sizes) - sizes])
+  starts = run_time_offsets(sizes)
 
   def split(step, starts):
-    cut = functools.partial(lax.dynamic_slice_in_dim, allow_negative_indices=False)
-    parts = [cut(step, i, n) for i, n in zip(starts, sizes, strict=True)]
+    parts = [slice_at(step, i, n) for i, n in zip(starts, sizes, strict=True)]
     return [from_blocks(x, m.layout) for x, m in zip(parts, carrier.members, strict=True)]
 
   def zeros(step, starts):
